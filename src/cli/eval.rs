@@ -1,0 +1,69 @@
+//! `wick eval`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{load_run_model, Which};
+use crate::data::load_split;
+use crate::data::table::load_for_inference;
+use crate::train::metrics;
+use crate::train::predict;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run directory written by `wick train`.
+    pub run_dir: PathBuf,
+    /// Evaluate on this CSV (with the label column) instead of the run's held-out split.
+    #[arg(long, value_name = "CSV")]
+    pub data: Option<PathBuf>,
+    /// Which checkpoint to evaluate.
+    #[arg(long, value_enum, default_value = "best")]
+    pub checkpoint: Which,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    let (_run, cfg, schema, model, ckpt) = load_run_model(&a.run_dir, a.checkpoint)?;
+    let (ds, source) = match &a.data {
+        Some(p) => {
+            let (ds, y) = load_for_inference(p, &schema)?;
+            if y.is_none() {
+                anyhow::bail!(
+                    "{}: no label column `{}`; eval needs labels (use `wick predict` for unlabelled rows)",
+                    p.display(),
+                    schema.label
+                );
+            }
+            (ds, p.display().to_string())
+        }
+        None => {
+            let (_, eval, _) = load_split(&cfg.data, cfg.run.seed)?;
+            (
+                eval,
+                format!("held-out split of {}", cfg.data.path.display()),
+            )
+        }
+    };
+    let out = predict(model.as_ref(), &ds)?;
+    let m = metrics::evaluate(&out, schema.outputs(), &ds.y);
+    if a.json {
+        let v = serde_json::json!({
+            "run_dir": a.run_dir,
+            "checkpoint": ckpt,
+            "data": source,
+            "samples": ds.n,
+            "metrics": m,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("checkpoint {}", ckpt.display());
+        println!("data       {source} ({} rows)", ds.n);
+        for (k, v) in &m {
+            println!("{k:<10} {v:.6}");
+        }
+    }
+    Ok(())
+}

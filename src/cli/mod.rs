@@ -1,0 +1,87 @@
+//! The `wick` command line. Each subcommand lives in its own file and only parses arguments,
+//! calls the library and prints.
+
+mod eval;
+mod predict;
+mod runs;
+mod train;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  wick train configs/digits_mlp.toml
+  wick train configs/digits_mlp.toml --set optim.lr=3e-3 --set model.hidden=[128,64]
+  wick train --resume checkpoints/runs/digits_mlp-20261125-101500
+  wick eval checkpoints/runs/digits_mlp-20261125-101500 --json
+  wick predict checkpoints/runs/iris_mlp-20261125-101500 --input data/sklearn/iris.csv
+  wick runs";
+
+/// wick: train, evaluate and serve models from a TOML file, reproducibly.
+#[derive(Debug, Parser)]
+#[command(name = "wick", version, about, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model from a TOML run config; prints the run directory as the last line.
+    Train(train::TrainArgs),
+    /// Evaluate a run's checkpoint on its held-out split or on another CSV.
+    Eval(eval::EvalArgs),
+    /// Predict labels for the rows of a CSV with a trained run.
+    Predict(predict::PredictArgs),
+    /// List runs as a table.
+    Runs(runs::RunsArgs),
+}
+
+/// Parses `std::env::args` and runs the command.
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Runs(a) => runs::run(a),
+    }
+}
+
+/// Which checkpoint of a run to use.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    Best,
+    Last,
+}
+
+/// Loads a run's model with the weights of checkpoint `which` (`best` falls back to `last`).
+pub(crate) fn load_run_model(
+    run_dir: &std::path::Path,
+    which: Which,
+) -> anyhow::Result<(
+    crate::train::RunDir,
+    crate::config::Config,
+    crate::data::Schema,
+    Box<dyn crate::model::Model>,
+    PathBuf,
+)> {
+    let run = crate::train::RunDir::open(run_dir)?;
+    let cfg = run.config()?;
+    let schema = run.schema()?;
+    let model = crate::model::build(&cfg.model, &schema, cfg.run.seed, &candle_core::Device::Cpu)?;
+    let mut dir = run.checkpoint(match which {
+        Which::Best => "best",
+        Which::Last => "last",
+    });
+    if crate::train::checkpoint::locate(&dir).is_err() {
+        dir = run.checkpoint("last");
+    }
+    let dir = crate::train::checkpoint::locate(&dir)?;
+    model
+        .store()
+        .load_safetensors(&dir.join(crate::train::checkpoint::MODEL_FILE))?;
+    Ok((run, cfg, schema, model, dir))
+}

@@ -1,0 +1,96 @@
+//! `wick train`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::config;
+use crate::train::callback::AbortAfter;
+use crate::train::progress::{MetricsLogger, Progress, Verbosity};
+use crate::train::{RunDir, Trainer};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The run config (TOML). Not needed with --resume.
+    #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+    pub config: Option<PathBuf>,
+    /// Override a config value, e.g. --set optim.lr=0.01 --set model.hidden=[128,64].
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run in RUN_DIR from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Write the run here instead of <run.output_dir>/<run.name>-<timestamp>.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Compute threads (overrides run.threads; 0 = all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print nothing but the run directory.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Stop abruptly after N optimizer steps without saving, as a crash would (for testing
+    /// resume).
+    #[arg(long, hide = true)]
+    pub abort_after_steps: Option<u64>,
+}
+
+/// Applies the thread count before any parallel work starts.
+fn set_threads(n: usize) {
+    if n > 0 {
+        // candle reads RAYON_NUM_THREADS for its matmuls; rayon's global pool is built here.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let (cfg, run, resume) = match &a.resume {
+        Some(dir) => {
+            if !a.set.is_empty() {
+                bail!("--set cannot be used with --resume: a resumed run keeps the config it started with ({})", dir.join("config.toml").display());
+            }
+            let run = RunDir::open(dir)?;
+            (run.config()?, Some(run), true)
+        }
+        None => {
+            let path = a
+                .config
+                .as_ref()
+                .expect("clap requires CONFIG without --resume");
+            (config::load(path, &a.set)?, None, false)
+        }
+    };
+    set_threads(a.threads.unwrap_or(cfg.run.threads));
+    let mut trainer = Trainer::from_config(&cfg)?;
+    let run = match run {
+        Some(r) => r,
+        None => RunDir::create(&cfg, &trainer.schema, a.run_dir.as_deref())?,
+    };
+    let verbosity = if a.quiet {
+        Verbosity::Quiet
+    } else {
+        Verbosity::Normal
+    };
+    trainer.add_callback(MetricsLogger::new(run.clone()));
+    trainer.add_callback(Progress::new(verbosity, cfg.train.log_every));
+    if let Some(n) = a.abort_after_steps {
+        trainer.add_callback(AbortAfter(n));
+    }
+    let summary = trainer
+        .fit(&run, resume)
+        .with_context(|| format!("run {}", run.path.display()))?;
+    if !a.quiet {
+        let best = summary
+            .best
+            .as_ref()
+            .map(|b| format!("best {} {:.4} at epoch {}", b.metric, b.value, b.epoch))
+            .unwrap_or_default();
+        eprintln!("{best}");
+    }
+    println!("{}", run.path.display());
+    Ok(())
+}

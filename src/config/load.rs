@@ -1,0 +1,274 @@
+//! Parsing run files and `--set` overrides into a [`Config`], with errors that point at the
+//! file, line and key, and suggest the closest valid name.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::Config;
+use crate::{Error, Result};
+
+/// Reads, parses, overrides and validates a run file.
+///
+/// `overrides` are `key.path=value` strings as given to `--set`; the value is parsed as a TOML
+/// value (`0.01`, `[128, 64]`, `true`, `"text"`), and a bare word is taken as a string.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!(
+            "{}: cannot read the config file: {e}; check the path (configs/ holds examples)",
+            path.display()
+        ))
+    })?;
+    let mut cfg = load_str(&text, &path.display().to_string(), overrides)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    super::validate::resolve_and_validate(&mut cfg, &path.display().to_string(), base)?;
+    Ok(cfg)
+}
+
+/// Parses config text (named `origin` in errors) and applies overrides, without validation.
+pub fn load_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+    let cfg: Config = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
+    if overrides.is_empty() {
+        return Ok(cfg);
+    }
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
+    for ov in overrides {
+        let (key, value) = parse_override(ov)?;
+        set_path(&mut table, &key, value)
+            .map_err(|msg| Error::Config(format!("--set {ov}: {msg}")))?;
+        // Deserialize after each override so that an error is blamed on the right one.
+        Config::deserialize(table.clone())
+            .map_err(|e| Error::Config(format!("--set {ov}: {}", explain(e.message(), &key))))?;
+    }
+    Ok(Config::deserialize(table).expect("checked after each override"))
+}
+
+/// Splits `a.b.c=value` and parses the value as TOML (bare words become strings).
+pub fn parse_override(s: &str) -> Result<(Vec<String>, toml::Value)> {
+    let Some((key, raw)) = s.split_once('=') else {
+        return Err(Error::Config(format!(
+            "--set {s}: expected KEY=VALUE, e.g. --set optim.lr=0.01"
+        )));
+    };
+    let key: Vec<String> = key
+        .trim()
+        .split('.')
+        .map(|k| k.trim().to_string())
+        .collect();
+    if key.iter().any(|k| k.is_empty()) {
+        return Err(Error::Config(format!(
+            "--set {s}: the key has an empty part; write it as section.key, e.g. train.epochs"
+        )));
+    }
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed one key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    Ok((key, value))
+}
+
+fn set_path(
+    table: &mut toml::Table,
+    key: &[String],
+    value: toml::Value,
+) -> std::result::Result<(), String> {
+    let (last, parents) = key.split_last().expect("non-empty key");
+    let mut cur = table;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = cur
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is a value, not a section", key[..=i].join(".")))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Turns a toml/serde error into one line: `file:line:col: message`.
+fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> Error {
+    let msg = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return Error::Config(format!("{origin}: {msg}"));
+    };
+    let (line, col) = line_col(text, span.start);
+    let line_text = text.lines().nth(line - 1).unwrap_or("");
+    let section = section_at(text, line);
+    let key_on_line = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let full_key = match (&section, &key_on_line) {
+        (Some(s), Some(k)) => format!("{s}.{k}"),
+        (None, Some(k)) => k.clone(),
+        (Some(s), None) => s.clone(),
+        (None, None) => String::new(),
+    };
+    let key_parts: Vec<String> = full_key.split('.').map(str::to_string).collect();
+    let explained = explain(&msg, &key_parts);
+    Error::Config(format!("{origin}:{line}:{col}: {explained}"))
+}
+
+/// Rewrites serde's messages into what a user needs: the key, what is expected, the fix.
+fn explain(msg: &str, key: &[String]) -> String {
+    let key_str = key.join(".");
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid = backticked(expected);
+        let section = if key.len() > 1 {
+            format!(" in [{}]", key[..key.len() - 1].join("."))
+        } else {
+            String::new()
+        };
+        return match closest(name, &valid) {
+            Some(s) => format!("unknown key `{name}`{section}; did you mean `{s}`?"),
+            None => format!(
+                "unknown key `{name}`{section}; valid keys are {}",
+                valid
+                    .iter()
+                    .map(|v| format!("`{v}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid = backticked(expected);
+        let hint = closest(name, &valid)
+            .map(|s| format!("; did you mean \"{s}\"?"))
+            .unwrap_or_default();
+        return format!(
+            "`{key_str}` = \"{name}\" is not one of {}{hint}",
+            valid
+                .iter()
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let name = rest.split('`').next().unwrap_or(rest);
+        let section = if key_str.is_empty() {
+            "the file".to_string()
+        } else {
+            format!("[{key_str}]")
+        };
+        return format!("{section} is missing the required key `{name}`");
+    }
+    if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+        let msg = msg
+            .replace("expected f64", "expected a number")
+            .replace("expected u64", "expected a non-negative integer")
+            .replace("expected usize", "expected a non-negative integer")
+            .replace("expected f32", "expected a number")
+            .replace("expected a boolean", "expected true or false");
+        return if key_str.is_empty() {
+            msg
+        } else {
+            format!("`{key_str}`: {msg}")
+        };
+    }
+    if key_str.is_empty() {
+        msg.to_string()
+    } else {
+        format!("`{key_str}`: {msg}")
+    }
+}
+
+fn backticked(s: &str) -> Vec<String> {
+    s.split('`')
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, v)| v.to_string())
+        .collect()
+}
+
+/// The valid name closest to `name`, if it is close enough to be a likely typo.
+pub(crate) fn closest(name: &str, valid: &[String]) -> Option<String> {
+    valid
+        .iter()
+        .map(|v| (strsim::jaro_winkler(name, v), v))
+        .filter(|(score, _)| *score >= 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, v)| v.clone())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// The `[section]` header in force at 1-based `line`.
+fn section_at(text: &str, line: usize) -> Option<String> {
+    text.lines()
+        .take(line)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|s| s.trim_matches('[').trim().to_string())
+        })
+        .last()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str, ov: &[&str]) -> String {
+        let ov: Vec<String> = ov.iter().map(|s| s.to_string()).collect();
+        load_str(text, "t.toml", &ov).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_closest() {
+        let e = err("[data]\npath = \"x.csv\"\n[train]\nbatchsize = 3\n", &[]);
+        assert_eq!(
+            e,
+            "t.toml:4:1: unknown key `batchsize` in [train]; did you mean `batch_size`?"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = err("[data]\npath = \"x.csv\"\n[optim]\nlr = \"fast\"\n", &[]);
+        assert!(e.starts_with("t.toml:4:6: `optim.lr`: invalid type"), "{e}");
+        assert!(e.contains("expected a number"), "{e}");
+    }
+
+    #[test]
+    fn bad_variant_suggests() {
+        let e = err("[data]\npath = \"x.csv\"\n[optim]\nkind = \"adamm\"\n", &[]);
+        assert!(e.contains("did you mean \"adamw\"?"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let text = "[data]\npath = \"x.csv\"\n";
+        let cfg = load_str(
+            text,
+            "t",
+            &[
+                "optim.lr=0.5".into(),
+                "model.hidden=[8, 4]".into(),
+                "run.name=abc".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.optim.lr, 0.5);
+        assert_eq!(cfg.model.hidden, vec![8, 4]);
+        assert_eq!(cfg.run.name, "abc");
+        let e = err(text, &["optim.lrr=0.1"]);
+        assert_eq!(
+            e,
+            "--set optim.lrr=0.1: unknown key `lrr` in [optim]; did you mean `lr`?"
+        );
+        let e = err(text, &["optim.lr"]);
+        assert!(e.contains("expected KEY=VALUE"), "{e}");
+    }
+}

@@ -1,0 +1,313 @@
+//! The TOML run configuration.
+//!
+//! A run file has the sections `[run]`, `[data]`, `[model]`, `[optim]`, `[schedule]` and
+//! `[train]`. Every key has a documented default (see `docs/CONFIG.md`) except `data.path`.
+//! [`load`] parses a file, applies `--set key=value` overrides and validates the result; errors
+//! name the file, line and key, and suggest the closest valid key.
+
+mod load;
+mod validate;
+
+pub(crate) use load::closest as closest_name;
+pub use load::{load, load_str, parse_override};
+pub use validate::monitor_names;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A complete, resolved run configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// `[run]`: identity and environment of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Name used for the run directory `<output_dir>/<name>-<timestamp>`.
+    pub name: String,
+    /// The one seed that drives init, shuffling and dropout.
+    pub seed: u64,
+    /// `"cpu"` (CUDA comes with the scale-out work).
+    pub device: String,
+    /// Where run directories are created.
+    pub output_dir: PathBuf,
+    /// Compute threads; 0 uses every core.
+    pub threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            seed: 42,
+            device: "cpu".into(),
+            output_dir: PathBuf::from("checkpoints/runs"),
+            threads: 0,
+        }
+    }
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Classification when the label column holds text or few distinct integers.
+    Auto,
+    Classification,
+    Regression,
+}
+
+/// `[data]`: where the examples come from and how they are split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// CSV file with a header row. Relative paths are resolved against the working directory,
+    /// then against the config file's directory.
+    pub path: PathBuf,
+    /// Name of the label column.
+    pub label: String,
+    /// Optional held-out file; when absent, `test_fraction` of `path` is held out.
+    pub test_path: Option<PathBuf>,
+    /// Fraction held out for evaluation (seeded split) when there is no `test_path`.
+    pub test_fraction: f64,
+    pub task: Task,
+    /// Standardize features with the training split's mean and standard deviation.
+    pub standardize: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            label: "target".into(),
+            test_path: None,
+            test_fraction: 0.2,
+            task: Task::Auto,
+            standardize: true,
+        }
+    }
+}
+
+/// The built-in model families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Mlp,
+}
+
+/// Activation functions for the MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Relu,
+    Tanh,
+    Sigmoid,
+    Gelu,
+}
+
+/// `[model]`: the architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    /// Hidden layer widths, e.g. `[256, 256]`.
+    pub hidden: Vec<usize>,
+    pub activation: Activation,
+    /// Dropout probability after each hidden activation.
+    pub dropout: f32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::Mlp,
+            hidden: vec![128],
+            activation: Activation::Relu,
+            dropout: 0.0,
+        }
+    }
+}
+
+/// Optimizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    Sgd,
+    Adamw,
+}
+
+/// `[optim]`: optimizer and its hyper-parameters (PyTorch semantics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub kind: OptimKind,
+    pub lr: f64,
+    /// Decoupled for AdamW, L2 (added to the gradient) for SGD. Default: 0.01 for AdamW, 0 for SGD.
+    pub weight_decay: Option<f64>,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    /// Parameters whose name contains one of these strings get no weight decay
+    /// (e.g. `["bias", "norm"]`, as the HF Trainer does).
+    pub no_decay: Vec<String>,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            kind: OptimKind::Adamw,
+            lr: 1e-3,
+            weight_decay: None,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            no_decay: Vec::new(),
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The weight decay in force, after the per-optimizer default.
+    pub fn weight_decay(&self) -> f64 {
+        self.weight_decay.unwrap_or(match self.kind {
+            OptimKind::Adamw => 0.01,
+            OptimKind::Sgd => 0.0,
+        })
+    }
+}
+
+/// Learning-rate schedules applied after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Constant,
+    /// Multiply by `gamma` every `step_size` epochs.
+    Step,
+    /// Cosine decay to `min_lr` at the last step.
+    Cosine,
+    /// Linear decay to `min_lr` at the last step (the HF Trainer default).
+    Linear,
+}
+
+/// `[schedule]`: the learning-rate schedule, evaluated at every optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Linear warm-up from 0 over this many optimizer steps.
+    pub warmup_steps: usize,
+    /// Warm-up as a fraction of all optimizer steps (used when `warmup_steps` is 0).
+    pub warmup_ratio: f64,
+    /// `step`: epochs between decays.
+    pub step_size: usize,
+    /// `step`: decay factor.
+    pub gamma: f64,
+    /// `cosine`/`linear`: final learning rate.
+    pub min_lr: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            step_size: 10,
+            gamma: 0.1,
+            min_lr: 0.0,
+        }
+    }
+}
+
+/// `[train.early_stopping]`: stop when the monitored metric stops improving.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EarlyStoppingConfig {
+    /// Evaluations without improvement before stopping.
+    pub patience: usize,
+    /// Smallest change that counts as an improvement.
+    pub min_delta: f64,
+}
+
+impl Default for EarlyStoppingConfig {
+    fn default() -> Self {
+        Self {
+            patience: 5,
+            min_delta: 0.0,
+        }
+    }
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before one optimizer step.
+    pub accumulate: usize,
+    /// Global-norm gradient clipping; 0 turns it off.
+    pub clip_norm: f64,
+    /// Evaluate every N epochs (the last epoch is always evaluated).
+    pub eval_every: usize,
+    /// Metric that selects the `best` checkpoint and drives early stopping, e.g.
+    /// `eval_accuracy`, `eval_loss`, `eval_f1`, `eval_mse`. Default: `eval_accuracy` for
+    /// classification, `eval_loss` for regression.
+    pub monitor: Option<String>,
+    pub early_stopping: Option<EarlyStoppingConfig>,
+    /// Also save `last` every N optimizer steps (0: only at the end of each epoch).
+    pub checkpoint_every: usize,
+    /// Drop the last incomplete batch of each epoch.
+    pub drop_last: bool,
+    /// Log a progress line every N optimizer steps when stderr is not a terminal.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 32,
+            accumulate: 1,
+            clip_norm: 0.0,
+            eval_every: 1,
+            monitor: None,
+            early_stopping: None,
+            checkpoint_every: 0,
+            drop_last: false,
+            log_every: 50,
+        }
+    }
+}
+
+impl Config {
+    /// The resolved config as TOML, with every default written out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a Config always serializes")
+    }
+
+    /// A short content hash of the resolved config (first 12 hex digits of its SHA-256).
+    pub fn hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.to_toml().as_bytes());
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}

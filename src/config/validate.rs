@@ -1,0 +1,222 @@
+//! Range checks and path resolution, run after parsing. Each failure is one line naming the
+//! file, the key, the value, what is expected and the fix.
+
+use std::path::{Path, PathBuf};
+
+use super::{Config, OptimKind, ScheduleKind, Task};
+use crate::{Error, Result};
+
+/// Resolves relative data paths (working directory first, then the config's directory) to
+/// absolute ones and checks every value's range.
+pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) -> Result<()> {
+    let bad = |key: &str, value: String, expected: &str| {
+        Err(Error::Config(format!(
+            "{origin}: `{key}` = {value}: expected {expected}"
+        )))
+    };
+    if cfg.data.path.as_os_str().is_empty() {
+        return Err(Error::Config(format!(
+            "{origin}: [data] is missing the required key `path`; add e.g. path = \"data/sklearn/iris.csv\""
+        )));
+    }
+    cfg.data.path = resolve(origin, "data.path", &cfg.data.path, base)?;
+    if let Some(p) = &cfg.data.test_path {
+        cfg.data.test_path = Some(resolve(origin, "data.test_path", p, base)?);
+    }
+    if cfg.data.label.is_empty() {
+        return bad("data.label", "\"\"".into(), "the name of the label column");
+    }
+    let tf = cfg.data.test_fraction;
+    if cfg.data.test_path.is_none() && !(tf > 0.0 && tf < 1.0) {
+        return bad(
+            "data.test_fraction",
+            tf.to_string(),
+            "a fraction strictly between 0 and 1, e.g. 0.2 (or set data.test_path)",
+        );
+    }
+    if cfg.run.device != "cpu" {
+        return bad(
+            "run.device",
+            format!("\"{}\"", cfg.run.device),
+            "\"cpu\" (this build has no GPU support)",
+        );
+    }
+    if cfg.run.name.is_empty() || cfg.run.name.contains(['/', '\\']) {
+        return bad(
+            "run.name",
+            format!("\"{}\"", cfg.run.name),
+            "a non-empty name without path separators",
+        );
+    }
+    let m = &cfg.model;
+    if m.hidden.contains(&0) {
+        return bad(
+            "model.hidden",
+            format!("{:?}", m.hidden),
+            "positive layer widths, e.g. [128, 64]",
+        );
+    }
+    if !(0.0..1.0).contains(&m.dropout) {
+        return bad(
+            "model.dropout",
+            m.dropout.to_string(),
+            "a probability in [0, 1), e.g. 0.1",
+        );
+    }
+    let o = &cfg.optim;
+    if !(o.lr.is_finite() && o.lr > 0.0) {
+        return bad("optim.lr", o.lr.to_string(), "a positive number, e.g. 1e-3");
+    }
+    let wd = o.weight_decay();
+    if !(wd.is_finite() && wd >= 0.0) {
+        return bad(
+            "optim.weight_decay",
+            wd.to_string(),
+            "a number >= 0, e.g. 0.01",
+        );
+    }
+    if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        return bad(
+            "optim.betas",
+            format!("{:?}", o.betas),
+            "two numbers in [0, 1), e.g. [0.9, 0.999]",
+        );
+    }
+    if !(o.eps > 0.0) {
+        return bad(
+            "optim.eps",
+            o.eps.to_string(),
+            "a small positive number, e.g. 1e-8",
+        );
+    }
+    if !(0.0..1.0).contains(&o.momentum) && o.momentum != 0.0 {
+        return bad(
+            "optim.momentum",
+            o.momentum.to_string(),
+            "a number in [0, 1), e.g. 0.9",
+        );
+    }
+    if o.nesterov && (o.kind != OptimKind::Sgd || o.momentum <= 0.0 || o.dampening != 0.0) {
+        return bad(
+            "optim.nesterov",
+            "true".into(),
+            "nesterov only with kind = \"sgd\", momentum > 0 and dampening = 0",
+        );
+    }
+    let s = &cfg.schedule;
+    if !(0.0..1.0).contains(&s.warmup_ratio) {
+        return bad(
+            "schedule.warmup_ratio",
+            s.warmup_ratio.to_string(),
+            "a fraction in [0, 1)",
+        );
+    }
+    if s.kind == ScheduleKind::Step && s.step_size == 0 {
+        return bad(
+            "schedule.step_size",
+            "0".into(),
+            "a positive number of epochs",
+        );
+    }
+    if !(s.gamma > 0.0 && s.gamma <= 1.0) {
+        return bad(
+            "schedule.gamma",
+            s.gamma.to_string(),
+            "a factor in (0, 1], e.g. 0.1",
+        );
+    }
+    if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+        return bad(
+            "schedule.min_lr",
+            s.min_lr.to_string(),
+            "a number in [0, optim.lr]",
+        );
+    }
+    let t = &cfg.train;
+    if t.epochs == 0 {
+        return bad(
+            "train.epochs",
+            "0".into(),
+            "a positive number of epochs, e.g. 10",
+        );
+    }
+    if t.batch_size == 0 {
+        return bad(
+            "train.batch_size",
+            "0".into(),
+            "a positive batch size, e.g. 32",
+        );
+    }
+    if t.accumulate == 0 {
+        return bad(
+            "train.accumulate",
+            "0".into(),
+            "1 or more micro-batches per optimizer step",
+        );
+    }
+    if !(t.clip_norm >= 0.0 && t.clip_norm.is_finite()) {
+        return bad(
+            "train.clip_norm",
+            t.clip_norm.to_string(),
+            "a number >= 0 (0 turns clipping off)",
+        );
+    }
+    if t.eval_every == 0 {
+        return bad(
+            "train.eval_every",
+            "0".into(),
+            "a positive number of epochs, e.g. 1",
+        );
+    }
+    if let Some(mon) = &t.monitor {
+        let valid = monitor_names(cfg.data.task);
+        if !valid.contains(&mon.as_str()) {
+            let names: Vec<String> = valid.iter().map(|s| s.to_string()).collect();
+            let hint = super::load::closest(mon, &names)
+                .map(|s| format!("; did you mean \"{s}\"?"))
+                .unwrap_or_default();
+            return bad(
+                "train.monitor",
+                format!("\"{mon}\""),
+                &format!("one of {}{hint}", valid.join(", ")),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Metric names the trainer reports and that `train.monitor` may name.
+pub fn monitor_names(task: Task) -> &'static [&'static str] {
+    match task {
+        Task::Classification => &["eval_loss", "eval_accuracy", "eval_f1", "train_loss"],
+        Task::Regression => &["eval_loss", "eval_mse", "eval_mae", "train_loss"],
+        Task::Auto => &[
+            "eval_loss",
+            "eval_accuracy",
+            "eval_f1",
+            "eval_mse",
+            "eval_mae",
+            "train_loss",
+        ],
+    }
+}
+
+fn resolve(origin: &str, key: &str, p: &Path, base: &Path) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = if p.is_absolute() {
+        vec![p.to_path_buf()]
+    } else {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        vec![cwd.join(p), base.join(p)]
+    };
+    for c in &candidates {
+        if c.is_file() {
+            return Ok(c.canonicalize().unwrap_or_else(|_| c.clone()));
+        }
+    }
+    let looked: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+    Err(Error::Config(format!(
+        "{origin}: `{key}` = \"{}\": file not found (looked at {}); fix the path, or run from the directory it is relative to",
+        p.display(),
+        looked.join(" and ")
+    )))
+}

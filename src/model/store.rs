@@ -1,0 +1,326 @@
+//! [`ParamStore`]: named parameters, initialised from the run seed.
+//!
+//! The store is a candle `VarBuilder` backend: a model built through
+//! [`ParamStore::var_builder`] gets each parameter from the keyed stream
+//! `(seed, parameter name)`, so initial weights do not depend on construction order, thread
+//! count or candle's (unseedable) CPU RNG. Parameters are listed sorted by name.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{Init, VarBuilder};
+
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// A named parameter.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// PyTorch-style state-dict name, e.g. `layers.0.weight`.
+    pub name: String,
+    pub var: Var,
+    /// Frozen parameters get no gradient and no optimizer state.
+    pub trainable: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    var: Var,
+    trainable: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    seed: u64,
+    device: Device,
+    vars: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// Named parameters of a model, initialised deterministically from a seed.
+#[derive(Debug, Clone)]
+pub struct ParamStore {
+    inner: Arc<Inner>,
+}
+
+impl ParamStore {
+    /// An empty store on the CPU.
+    pub fn new(seed: u64) -> Self {
+        Self::with_device(seed, Device::Cpu)
+    }
+
+    /// An empty store on `device`.
+    pub fn with_device(seed: u64, device: Device) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                seed,
+                device,
+                vars: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    /// A candle `VarBuilder` whose variables live in this store.
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(self.clone()),
+            DType::F32,
+            self.inner.device.clone(),
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.inner.vars.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// All parameters, sorted by name.
+    pub fn params(&self) -> Vec<Param> {
+        self.lock()
+            .iter()
+            .map(|(name, e)| Param {
+                name: name.clone(),
+                var: e.var.clone(),
+                trainable: e.trainable,
+            })
+            .collect()
+    }
+
+    /// Trainable parameters, sorted by name.
+    pub fn trainable(&self) -> Vec<Param> {
+        self.params().into_iter().filter(|p| p.trainable).collect()
+    }
+
+    /// The variable called `name`.
+    pub fn get(&self, name: &str) -> Option<Var> {
+        self.lock().get(name).map(|e| e.var.clone())
+    }
+
+    /// Freezes (or unfreezes) every parameter whose name starts with `prefix`; returns how many.
+    pub fn set_trainable(&self, prefix: &str, trainable: bool) -> usize {
+        let mut n = 0;
+        for (name, e) in self.lock().iter_mut() {
+            if name.starts_with(prefix) {
+                e.trainable = trainable;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.lock().values().map(|e| e.var.elem_count()).sum()
+    }
+
+    /// Serializes every parameter as safetensors (f32, names sorted). The bytes depend only on
+    /// the values, so equal weights give byte-identical files.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let mut named = Vec::new();
+        for p in self.params() {
+            named.push((p.name, p.var.as_tensor().clone()));
+        }
+        tensors_to_safetensors(&named)
+    }
+
+    /// Loads weights saved by [`Self::to_safetensors`] (or by PyTorch with the same names).
+    /// Missing, unexpected or mis-shaped names are all listed in one error.
+    pub fn load_safetensors(&self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let tensors = read_safetensors(path, &bytes, &self.inner.device)?;
+        let vars = self.lock();
+        let mut missing: Vec<&str> = vars
+            .keys()
+            .filter(|k| !tensors.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        let unexpected: Vec<&str> = tensors
+            .keys()
+            .filter(|k| !vars.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        let mut mismatched = Vec::new();
+        for (name, e) in vars.iter() {
+            if let Some(t) = tensors.get(name) {
+                if t.dims() != e.var.dims() {
+                    mismatched.push(format!(
+                        "{name} (file {:?}, model {:?})",
+                        t.dims(),
+                        e.var.dims()
+                    ));
+                }
+            }
+        }
+        if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+            missing.truncate(20);
+            return Err(Error::Checkpoint(format!(
+                "{}: weights do not match the model: missing [{}], unexpected [{}], wrong shape [{}]; was it saved from a different config?",
+                path.display(),
+                missing.join(", "),
+                unexpected.join(", "),
+                mismatched.join(", ")
+            )));
+        }
+        for (name, e) in vars.iter() {
+            let t = tensors[name].to_dtype(DType::F32)?;
+            e.var.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serializes named f32 tensors to safetensors bytes with `{"format": "pt"}` metadata, so that
+/// `safetensors.torch.load_file` reads them.
+pub fn tensors_to_safetensors(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
+    for (name, t) in named {
+        let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        data.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .expect("shape matches byte length"),
+            )
+        })
+        .collect();
+    // One metadata key only: safetensors keeps metadata in a HashMap, whose order is random.
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Checkpoint(format!("cannot serialize tensors: {e}")))
+}
+
+/// Parses safetensors bytes into named tensors; errors name the file.
+pub fn read_safetensors(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::Checkpoint(format!(
+            "{}: not a valid safetensors file ({e}); the checkpoint is corrupt or truncated",
+            path.display()
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::U32 => DType::U32,
+            safetensors::Dtype::I64 => DType::I64,
+            safetensors::Dtype::U8 => DType::U8,
+            other => {
+                return Err(Error::Checkpoint(format!(
+                    "{}: tensor `{name}` has unsupported dtype {other:?}",
+                    path.display()
+                )))
+            }
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn init_values(seed: u64, name: &str, shape: &Shape, init: Init) -> Vec<f32> {
+    let n = shape.elem_count();
+    let mut rng = Rng::keyed(seed, name, 0);
+    let uniform = |rng: &mut Rng, lo: f64, up: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| (lo + (up - lo) * rng.next_f64()) as f32)
+            .collect()
+    };
+    let normal = |rng: &mut Rng, mean: f64, std: f64| -> Vec<f32> {
+        (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+    };
+    match init {
+        Init::Const(c) => vec![c as f32; n],
+        Init::Uniform { lo, up } => uniform(&mut rng, lo, up),
+        Init::Randn { mean, stdev } => normal(&mut rng, mean, stdev),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let fan = fan_for(fan, shape);
+            let std = gain(non_linearity) / (fan as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => {
+                    let bound = 3f64.sqrt() * std;
+                    uniform(&mut rng, -bound, bound)
+                }
+                NormalOrUniform::Normal => normal(&mut rng, 0.0, std),
+            }
+        }
+    }
+}
+
+fn fan_for(fan: FanInOut, shape: &Shape) -> usize {
+    fan.for_shape(shape).max(1)
+}
+
+fn gain(nl: NonLinearity) -> f64 {
+    nl.gain()
+}
+
+impl candle_nn::var_builder::SimpleBackend for ParamStore {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut vars = self.lock();
+        if let Some(e) = vars.get(name) {
+            if e.var.shape() != &s {
+                candle_core::bail!(
+                    "parameter `{name}` requested with shape {s:?} but exists with {:?}",
+                    e.var.shape()
+                );
+            }
+            return e.var.as_tensor().to_dtype(dtype);
+        }
+        let values = init_values(self.inner.seed, name, &s, h);
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        vars.insert(
+            name.to_string(),
+            Entry {
+                var,
+                trainable: true,
+            },
+        );
+        Ok(out)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.lock().get(name) {
+            Some(e) => e.var.as_tensor().to_dtype(dtype),
+            None => candle_core::bail!("no parameter named `{name}`"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+}

@@ -1,0 +1,163 @@
+//! Crash-safe checkpoints.
+//!
+//! A checkpoint is a directory — `checkpoints/last` or `checkpoints/best` inside the run
+//! directory — holding `model.safetensors` (PyTorch-style names, readable by
+//! `safetensors.torch.load_file`), `optimizer.safetensors` and `trainer.json`. It is written
+//! in full to a temporary directory (each file fsynced) and then swapped in by renames, so a
+//! crash at any point leaves either the old or the new checkpoint whole.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::io::{sync_dir, write_atomic};
+use crate::model::{read_safetensors, tensors_to_safetensors, Param, ParamStore};
+use crate::train::optim::Optimizer;
+use crate::{Error, Result};
+
+/// The best evaluation so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    pub metric: String,
+    pub value: f64,
+    pub epoch: usize,
+    pub step: u64,
+}
+
+/// Where the loop stands: everything besides weights and optimizer moments that a resumed
+/// run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: u32,
+    pub wick_version: String,
+    pub config_hash: String,
+    pub seed: u64,
+    /// Epochs completed; the epoch in progress is this (0-based).
+    pub epoch: usize,
+    /// Next micro-batch of the epoch in progress.
+    pub batch: usize,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Training samples processed.
+    pub samples: u64,
+    /// Sum and count of micro-batch losses in the epoch in progress.
+    pub epoch_loss_sum: f64,
+    pub epoch_batches: u64,
+    pub best: Option<Best>,
+    /// Evaluations since the last improvement (early stopping).
+    pub bad_evals: usize,
+    pub stopped_early: bool,
+    /// Seconds spent in training steps (for throughput).
+    pub train_time_s: f64,
+}
+
+impl TrainerState {
+    pub fn new(config_hash: &str, seed: u64) -> Self {
+        Self {
+            format: 1,
+            wick_version: crate::VERSION.into(),
+            config_hash: config_hash.into(),
+            seed,
+            epoch: 0,
+            batch: 0,
+            step: 0,
+            samples: 0,
+            epoch_loss_sum: 0.0,
+            epoch_batches: 0,
+            best: None,
+            bad_evals: 0,
+            stopped_early: false,
+            train_time_s: 0.0,
+        }
+    }
+}
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIM_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer.json";
+
+/// Writes a checkpoint directory `dir` atomically.
+pub fn save(
+    dir: &Path,
+    store: &ParamStore,
+    params: &[Param],
+    opt: &Optimizer,
+    state: &TrainerState,
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| Error::Checkpoint(format!("{}: no parent directory", dir.display())))?;
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let old = parent.join(format!(".{name}.old"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write_atomic(&tmp.join(MODEL_FILE), &store.to_safetensors()?)?;
+    write_atomic(
+        &tmp.join(OPTIM_FILE),
+        &tensors_to_safetensors(&opt.state_tensors(params)?)?,
+    )?;
+    let json = serde_json::to_string_pretty(state).expect("state serializes");
+    write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
+    if dir.exists() {
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    sync_dir(parent)?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint directory to read for `dir`: `dir` itself, or the previous version left by a
+/// crash in the middle of the swap.
+pub fn locate(dir: &Path) -> Result<PathBuf> {
+    if dir.join(STATE_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let old = dir.with_file_name(format!(".{name}.old"));
+    if old.join(STATE_FILE).is_file() {
+        return Ok(old);
+    }
+    Err(Error::Checkpoint(format!(
+        "{}: no checkpoint here (expected {STATE_FILE}); the run may not have finished an epoch yet, start it again without --resume",
+        dir.display()
+    )))
+}
+
+/// Reads the trainer state of a checkpoint directory.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: invalid trainer state: {e}", path.display())))
+}
+
+/// Loads a checkpoint into the model and optimizer and returns the trainer state.
+pub fn load(
+    dir: &Path,
+    store: &ParamStore,
+    params: &[Param],
+    opt: &mut Optimizer,
+) -> Result<TrainerState> {
+    let dir = locate(dir)?;
+    let state = read_state(&dir)?;
+    store.load_safetensors(&dir.join(MODEL_FILE))?;
+    let path = dir.join(OPTIM_FILE);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let tensors = read_safetensors(&path, &bytes, &candle_core::Device::Cpu)?;
+    opt.load_state(params, &tensors)?;
+    Ok(state)
+}

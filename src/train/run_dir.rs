@@ -1,0 +1,195 @@
+//! The run directory: `checkpoints/runs/<name>-<timestamp>/` with the resolved config, the
+//! dataset schema, metrics, checkpoints, the curve plot and the summary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::data::Schema;
+use crate::io::write_atomic;
+use crate::train::checkpoint::Best;
+use crate::train::metrics::Metrics;
+use crate::{Error, Result};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const SCHEMA_FILE: &str = "dataset.json";
+pub const METRICS_JSONL: &str = "metrics.jsonl";
+pub const METRICS_CSV: &str = "metrics.csv";
+pub const CURVES_PNG: &str = "curves.png";
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// A run directory on disk.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+/// `summary.json`: the outcome of a run and what produced it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub name: String,
+    pub wick_version: String,
+    pub config_hash: String,
+    pub seed: u64,
+    pub model: String,
+    pub num_params: usize,
+    pub epochs_completed: usize,
+    pub steps: u64,
+    pub stopped_early: bool,
+    /// Metrics of the last evaluation.
+    pub final_metrics: Metrics,
+    pub best: Option<Best>,
+    /// Wall time of the last `wick train` invocation (seconds).
+    pub wall_time_s: f64,
+    /// Time spent in training steps over the whole run, resumes included.
+    pub train_time_s: f64,
+    pub train_samples_per_s: f64,
+}
+
+impl RunDir {
+    /// Creates `<output_dir>/<name>-<UTC timestamp>` (or `explicit`) and writes the resolved
+    /// config and the dataset schema into it.
+    pub fn create(cfg: &Config, schema: &Schema, explicit: Option<&Path>) -> Result<Self> {
+        let path = match explicit {
+            Some(p) => {
+                if p.join(CONFIG_FILE).exists() {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: already holds a run; pass --resume {} to continue it, or choose another --run-dir",
+                        p.display(),
+                        p.display()
+                    )));
+                }
+                p.to_path_buf()
+            }
+            None => {
+                let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+                let base = cfg.run.output_dir.join(format!("{}-{stamp}", cfg.run.name));
+                let mut p = base.clone();
+                let mut i = 1;
+                while p.exists() {
+                    p = PathBuf::from(format!("{}-{i}", base.display()));
+                    i += 1;
+                }
+                p
+            }
+        };
+        fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        let header = format!(
+            "# Resolved by wick {} (config hash {}). `wick train --resume {}` continues this run.\n",
+            crate::VERSION,
+            cfg.hash(),
+            path.display()
+        );
+        write_atomic(
+            &path.join(CONFIG_FILE),
+            format!("{header}{}", cfg.to_toml()).as_bytes(),
+        )?;
+        let schema_json = serde_json::to_string_pretty(schema).expect("schema serializes");
+        write_atomic(&path.join(SCHEMA_FILE), schema_json.as_bytes())?;
+        Ok(Self { path })
+    }
+
+    /// Opens an existing run directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.join(CONFIG_FILE).is_file() {
+            return Err(Error::Checkpoint(format!(
+                "{}: not a wick run directory (no {CONFIG_FILE}); `wick runs` lists the runs",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let p = self.path.join(CONFIG_FILE);
+        let text = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        crate::config::load_str(&text, &p.display().to_string(), &[])
+    }
+
+    pub fn schema(&self) -> Result<Schema> {
+        let p = self.path.join(SCHEMA_FILE);
+        let text = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Checkpoint(format!("{}: invalid schema: {e}", p.display())))
+    }
+
+    pub fn checkpoint(&self, which: &str) -> PathBuf {
+        self.path.join("checkpoints").join(which)
+    }
+
+    pub fn summary(&self) -> Result<Summary> {
+        let p = self.path.join(SUMMARY_FILE);
+        let text = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Checkpoint(format!("{}: invalid summary: {e}", p.display())))
+    }
+
+    pub fn write_summary(&self, s: &Summary) -> Result<()> {
+        let json = serde_json::to_string_pretty(s).expect("summary serializes");
+        write_atomic(&self.path.join(SUMMARY_FILE), json.as_bytes())
+    }
+
+    /// The rows of `metrics.jsonl`.
+    pub fn metrics(&self) -> Result<Vec<Metrics>> {
+        let p = self.path.join(METRICS_JSONL);
+        if !p.exists() {
+            return Ok(Vec::new());
+        }
+        let text = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    Error::Checkpoint(format!("{}:{}: invalid JSON: {e}", p.display(), i + 1))
+                })
+            })
+            .collect()
+    }
+
+    /// Keeps only the metric rows of the first `epochs` epochs (used when resuming, so that
+    /// rows written after the checkpoint are not duplicated).
+    pub fn truncate_metrics(&self, epochs: usize) -> Result<()> {
+        let rows: Vec<Metrics> = self
+            .metrics()?
+            .into_iter()
+            .filter(|m| m.get("epoch").copied().unwrap_or(0.0) <= epochs as f64)
+            .collect();
+        let text: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).expect("metrics serialize") + "\n")
+            .collect();
+        write_atomic(&self.path.join(METRICS_JSONL), text.as_bytes())?;
+        self.write_metrics_csv(&rows)
+    }
+
+    /// Rewrites `metrics.csv` from metric rows (columns: the union of keys, `epoch` first).
+    pub fn write_metrics_csv(&self, rows: &[Metrics]) -> Result<()> {
+        let mut cols: Vec<String> = Vec::new();
+        for r in rows {
+            for k in r.keys() {
+                if !cols.contains(k) {
+                    cols.push(k.clone());
+                }
+            }
+        }
+        cols.sort_by_key(|c| match c.as_str() {
+            "epoch" => (0, c.clone()),
+            "step" => (1, c.clone()),
+            _ => (2, c.clone()),
+        });
+        let mut out = cols.join(",") + "\n";
+        for r in rows {
+            let line: Vec<String> = cols
+                .iter()
+                .map(|c| r.get(c).map(|v| format!("{v}")).unwrap_or_default())
+                .collect();
+            out += &(line.join(",") + "\n");
+        }
+        write_atomic(&self.path.join(METRICS_CSV), out.as_bytes())
+    }
+}

@@ -1,0 +1,366 @@
+//! The training loop.
+
+use std::time::Instant;
+
+use crate::config::{Config, Task};
+use crate::data::{load_split, BatchPlan, Dataset, Schema};
+use crate::model::{self, Grads, Loss, Model, ModelCtx};
+use crate::train::callback::{Callback, Control, EpochEnd, FitStart, StepEnd};
+use crate::train::checkpoint::{self, Best, TrainerState};
+use crate::train::metrics::{self, higher_is_better, Metrics};
+use crate::train::optim::{clip_grad_norm, Optimizer};
+use crate::train::run_dir::{RunDir, Summary, CURVES_PNG};
+use crate::train::schedule::Schedule;
+use crate::{Error, Result};
+
+/// Rows per forward pass during evaluation and prediction.
+const EVAL_BATCH: usize = 1024;
+
+/// Drives a [`Model`] over a dataset: shuffled mini-batches, gradient accumulation, clipping,
+/// optimizer and schedule, periodic evaluation, early stopping, checkpoints and hooks.
+pub struct Trainer {
+    pub cfg: Config,
+    pub model: Box<dyn Model>,
+    pub train: Dataset,
+    pub eval: Dataset,
+    pub schema: Schema,
+    callbacks: Vec<Box<dyn Callback>>,
+}
+
+impl Trainer {
+    /// Loads the data and builds the model described by `cfg`.
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        let (train, eval, schema) = load_split(&cfg.data, cfg.run.seed)?;
+        let device = candle_core::Device::Cpu;
+        let model = model::build(&cfg.model, &schema, cfg.run.seed, &device)?;
+        Ok(Self::new(cfg.clone(), model, train, eval, schema))
+    }
+
+    /// A trainer for any model (see [`Model`]).
+    pub fn new(
+        cfg: Config,
+        model: Box<dyn Model>,
+        train: Dataset,
+        eval: Dataset,
+        schema: Schema,
+    ) -> Self {
+        Self {
+            cfg,
+            model,
+            train,
+            eval,
+            schema,
+            callbacks: Vec::new(),
+        }
+    }
+
+    /// Adds a hook; hooks run in the order they were added.
+    pub fn add_callback(&mut self, cb: impl Callback + 'static) {
+        self.callbacks.push(Box::new(cb));
+    }
+
+    /// The metric that selects `best` and drives early stopping.
+    pub fn monitor(&self) -> String {
+        self.cfg
+            .train
+            .monitor
+            .clone()
+            .unwrap_or_else(|| match self.schema.task {
+                Task::Regression => "eval_loss".into(),
+                _ => "eval_accuracy".into(),
+            })
+    }
+
+    /// Metrics of the model on `ds`, without prefix (`loss`, `accuracy`, `f1` / `mse`, `mae`).
+    pub fn evaluate(&self, ds: &Dataset) -> Result<Metrics> {
+        let out = predict(self.model.as_ref(), ds)?;
+        Ok(metrics::evaluate(&out, self.schema.outputs(), &ds.y))
+    }
+
+    fn emit_step(&mut self, s: &StepEnd) -> Result<Control> {
+        let mut ctl = Control::Continue;
+        for cb in self.callbacks.iter_mut() {
+            match cb.on_step_end(s)? {
+                Control::Continue => {}
+                Control::Abort => return Ok(Control::Abort),
+                Control::Stop => ctl = Control::Stop,
+            }
+        }
+        Ok(ctl)
+    }
+
+    fn emit_epoch(&mut self, e: &EpochEnd) -> Result<Control> {
+        let mut ctl = Control::Continue;
+        for cb in self.callbacks.iter_mut() {
+            match cb.on_epoch_end(e)? {
+                Control::Continue => {}
+                Control::Abort => return Ok(Control::Abort),
+                Control::Stop => ctl = Control::Stop,
+            }
+        }
+        Ok(ctl)
+    }
+
+    /// Trains into `run`. With `resume`, continues from `run`'s `last` checkpoint and ends
+    /// with exactly the weights an uninterrupted run would have.
+    pub fn fit(&mut self, run: &RunDir, resume: bool) -> Result<Summary> {
+        let wall = Instant::now();
+        let cfg = self.cfg.clone();
+        let seed = cfg.run.seed;
+        let t = &cfg.train;
+        let store = self.model.store().clone();
+        let params = store.trainable();
+        if params.is_empty() {
+            return Err(Error::Train("the model has no trainable parameters".into()));
+        }
+        let mut grads = Grads::zeros(&params);
+        let mut opt = Optimizer::new(&cfg.optim, &params);
+        let loss_kind = Loss::for_task(self.schema.task);
+        let n = self.train.n;
+        let batches = BatchPlan::shuffled(n, t.batch_size, t.drop_last, seed, 0).len();
+        if batches == 0 {
+            return Err(Error::Config(format!(
+                "train.batch_size = {} with drop_last leaves no batch of the {n} training rows; lower the batch size",
+                t.batch_size
+            )));
+        }
+        let steps_per_epoch = batches.div_ceil(t.accumulate) as u64;
+        let total_steps = steps_per_epoch * t.epochs as u64;
+        let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps, steps_per_epoch);
+        let monitor = self.monitor();
+        let hash = cfg.hash();
+
+        let mut st = if resume {
+            let st = checkpoint::load(&run.checkpoint("last"), &store, &params, &mut opt)?;
+            if st.config_hash != hash {
+                return Err(Error::Checkpoint(format!(
+                    "{}: the checkpoint was written by config {} but the run's config.toml is now {}; restore the config or start a new run",
+                    run.path.display(),
+                    st.config_hash,
+                    hash
+                )));
+            }
+            run.truncate_metrics(st.epoch)?;
+            st
+        } else {
+            TrainerState::new(&hash, seed)
+        };
+
+        let start = FitStart {
+            epochs: t.epochs,
+            steps_per_epoch,
+            total_steps,
+            start_step: st.step,
+            train_samples: n,
+            eval_samples: self.eval.n,
+            num_params: store.num_params(),
+        };
+        for cb in self.callbacks.iter_mut() {
+            cb.on_fit_start(&start)?;
+        }
+
+        let device = store.device().clone();
+        let mut last_metrics = Metrics::new();
+        let mut stop = st.stopped_early || st.epoch >= t.epochs;
+        while !stop && st.epoch < t.epochs {
+            let epoch = st.epoch;
+            let plan = BatchPlan::shuffled(n, t.batch_size, t.drop_last, seed, epoch as u64);
+            let nb = plan.len();
+            let mut step_loss = 0f64;
+            let mut clock = Instant::now();
+            for b in st.batch..nb {
+                let group_start = (b / t.accumulate) * t.accumulate;
+                let group_len = t.accumulate.min(nb - group_start);
+                let batch = plan.batch(&self.train, b, &device)?;
+                let mut ctx = ModelCtx::train(seed, ((epoch as u64) << 32) | b as u64);
+                let loss = self.model.loss_and_grad(
+                    &batch,
+                    loss_kind,
+                    &mut ctx,
+                    &params,
+                    &mut grads,
+                    1.0 / group_len as f32,
+                )?;
+                if !loss.is_finite() {
+                    return Err(Error::Train(format!(
+                        "the loss became {loss} at epoch {} step {}; lower optim.lr or set train.clip_norm",
+                        epoch + 1,
+                        st.step + 1
+                    )));
+                }
+                st.epoch_loss_sum += loss;
+                st.epoch_batches += 1;
+                st.samples += batch.n as u64;
+                step_loss += loss / group_len as f64;
+                if b + 1 < group_start + group_len {
+                    continue;
+                }
+                for cb in self.callbacks.iter_mut() {
+                    cb.on_after_backward(&mut grads)?;
+                }
+                if t.clip_norm > 0.0 {
+                    clip_grad_norm(&mut grads, t.clip_norm);
+                }
+                let lr = sched.lr(st.step);
+                opt.step(&params, &grads, lr)?;
+                grads.zero();
+                st.step += 1;
+                st.batch = b + 1;
+                st.train_time_s += clock.elapsed().as_secs_f64();
+                clock = Instant::now();
+                let info = StepEnd {
+                    epoch,
+                    step: st.step,
+                    loss: step_loss,
+                    lr,
+                    samples: st.samples,
+                    samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
+                };
+                step_loss = 0.0;
+                let ctl = self.emit_step(&info)?;
+                if ctl == Control::Abort {
+                    return Err(Error::Train(format!(
+                        "aborted after step {} as requested; `wick train --resume {}` continues",
+                        st.step,
+                        run.path.display()
+                    )));
+                }
+                if t.checkpoint_every > 0 && st.step % t.checkpoint_every as u64 == 0 {
+                    checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+                    clock = Instant::now();
+                }
+                if ctl == Control::Stop {
+                    stop = true;
+                    break;
+                }
+            }
+            if stop {
+                checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+                break;
+            }
+
+            // End of epoch: evaluate, track the best, early stopping, checkpoint.
+            let mut m = Metrics::new();
+            m.insert("epoch".into(), (epoch + 1) as f64);
+            m.insert("step".into(), st.step as f64);
+            m.insert("lr".into(), sched.lr(st.step.saturating_sub(1)));
+            m.insert(
+                "train_loss".into(),
+                st.epoch_loss_sum / st.epoch_batches.max(1) as f64,
+            );
+            let evaluated = (epoch + 1) % t.eval_every == 0 || epoch + 1 == t.epochs;
+            if evaluated {
+                for (k, v) in self.evaluate(&self.eval)? {
+                    m.insert(format!("eval_{k}"), v);
+                }
+            }
+            let mut is_best = false;
+            if let Some(&v) = m.get(&monitor) {
+                let hib = higher_is_better(&monitor);
+                let better = |a: f64, b: f64, delta: f64| {
+                    if hib {
+                        a > b + delta
+                    } else {
+                        a < b - delta
+                    }
+                };
+                is_best = st.best.as_ref().is_none_or(|b| better(v, b.value, 0.0));
+                if let Some(es) = &t.early_stopping {
+                    let improved = st
+                        .best
+                        .as_ref()
+                        .is_none_or(|b| better(v, b.value, es.min_delta));
+                    st.bad_evals = if improved { 0 } else { st.bad_evals + 1 };
+                    if st.bad_evals >= es.patience.max(1) {
+                        st.stopped_early = true;
+                    }
+                }
+                if is_best {
+                    st.best = Some(Best {
+                        metric: monitor.clone(),
+                        value: v,
+                        epoch: epoch + 1,
+                        step: st.step,
+                    });
+                }
+            }
+            st.epoch = epoch + 1;
+            st.batch = 0;
+            st.epoch_loss_sum = 0.0;
+            st.epoch_batches = 0;
+            let e = EpochEnd {
+                epoch: epoch + 1,
+                step: st.step,
+                metrics: m.clone(),
+                evaluated,
+                is_best,
+            };
+            let ctl = self.emit_epoch(&e)?;
+            if ctl == Control::Abort {
+                return Err(Error::Train(format!(
+                    "aborted after epoch {} as requested",
+                    epoch + 1
+                )));
+            }
+            if is_best {
+                checkpoint::save(&run.checkpoint("best"), &store, &params, &opt, &st)?;
+            }
+            checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+            if evaluated {
+                last_metrics = m;
+            }
+            if st.stopped_early || ctl == Control::Stop {
+                stop = true;
+            }
+        }
+
+        if last_metrics.is_empty() {
+            if let Some(row) = run
+                .metrics()?
+                .into_iter()
+                .rev()
+                .find(|r| r.contains_key("eval_loss"))
+            {
+                last_metrics = row;
+            }
+        }
+        let rows = run.metrics()?;
+        plot::draw(&run.path.join(CURVES_PNG), &rows, &cfg.run.name)?;
+        let summary = Summary {
+            name: cfg.run.name.clone(),
+            wick_version: crate::VERSION.into(),
+            config_hash: hash,
+            seed,
+            model: format!("{:?}", cfg.model.kind).to_lowercase(),
+            num_params: store.num_params(),
+            epochs_completed: st.epoch,
+            steps: st.step,
+            stopped_early: st.stopped_early,
+            final_metrics: last_metrics,
+            best: st.best.clone(),
+            wall_time_s: wall.elapsed().as_secs_f64(),
+            train_time_s: st.train_time_s,
+            train_samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
+        };
+        run.write_summary(&summary)?;
+        for cb in self.callbacks.iter_mut() {
+            cb.on_fit_end(&summary)?;
+        }
+        Ok(summary)
+    }
+}
+
+use crate::train::plot;
+
+/// Model outputs (`n × outputs`, row-major) for every row of `ds`, in evaluation mode.
+pub fn predict(model: &dyn Model, ds: &Dataset) -> Result<Vec<f32>> {
+    let device = model.store().device().clone();
+    let plan = BatchPlan::sequential(ds.n, EVAL_BATCH);
+    let mut out = Vec::new();
+    for i in 0..plan.len() {
+        let b = plan.batch(ds, i, &device)?;
+        let y = model.forward(&b.x, &mut ModelCtx::eval())?;
+        out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
