@@ -93,6 +93,13 @@ fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> Error {
     let Some(span) = e.span() else {
         return Error::Config(format!("{origin}: {msg}"));
     };
+    if msg.starts_with("missing field `data`") {
+        // Every section but [data] has defaults, so only [data] can be missing.
+        let name = "data";
+        return Error::Config(format!(
+            "{origin}: the file is missing the required section [{name}]"
+        ));
+    }
     let (line, col) = line_col(text, span.start);
     let line_text = text.lines().nth(line - 1).unwrap_or("");
     let section = section_at(text, line);

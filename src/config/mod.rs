@@ -85,6 +85,8 @@ pub struct DataConfig {
     /// Fraction held out for evaluation (seeded split) when there is no `test_path`.
     pub test_fraction: f64,
     pub task: Task,
+    /// Columns to ignore (neither feature nor label).
+    pub drop: Vec<String>,
     /// Standardize features with the training split's mean and standard deviation.
     pub standardize: bool,
 }
@@ -97,6 +99,7 @@ impl Default for DataConfig {
             test_path: None,
             test_fraction: 0.2,
             task: Task::Auto,
+            drop: Vec::new(),
             standardize: true,
         }
     }

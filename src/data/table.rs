@@ -103,6 +103,7 @@ fn read_csv(
     path: &Path,
     label: &str,
     features: Option<&[String]>,
+    drop: &[String],
     label_required: bool,
 ) -> Result<RawTable> {
     let mut rdr = csv::ReaderBuilder::new()
@@ -149,12 +150,23 @@ fn read_csv(
             }
             (want.to_vec(), cols)
         }
-        None => header
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| Some(*i) != label_col)
-            .map(|(i, h)| (h.clone(), i))
-            .unzip(),
+        None => {
+            if let Some(d) = drop.iter().find(|d| !header.contains(d)) {
+                return Err(data_err(
+                    path,
+                    format!(
+                        "data.drop names `{d}`, which is not a column; the columns are {}",
+                        header.join(", ")
+                    ),
+                ));
+            }
+            header
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| Some(*i) != label_col && !drop.contains(h))
+                .map(|(i, h)| (h.clone(), i))
+                .unzip()
+        }
     };
     if names.is_empty() {
         return Err(data_err(path, "no feature columns besides the label"));
@@ -295,7 +307,7 @@ fn targets(path: &Path, raw: &RawTable, schema: &Schema) -> Result<Targets> {
 /// Loads the training and evaluation splits described by `[data]`, fits the schema on the
 /// training split, and standardizes both splits.
 pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Schema)> {
-    let raw = read_csv(&cfg.path, &cfg.label, None, true)?;
+    let raw = read_csv(&cfg.path, &cfg.label, None, &cfg.drop, true)?;
     let labels = raw.labels.as_ref().expect("label column checked");
     let (train_idx, test_idx): (Vec<usize>, Vec<usize>) = match &cfg.test_path {
         Some(_) => ((0..raw.lines.len()).collect(), Vec::new()),
@@ -361,7 +373,7 @@ pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Sche
     let mut train = full.select(&train_idx);
     let mut test = match &cfg.test_path {
         Some(p) => {
-            let raw_t = read_csv(p, &cfg.label, Some(&schema.features), true)?;
+            let raw_t = read_csv(p, &cfg.label, Some(&schema.features), &[], true)?;
             Dataset {
                 n: raw_t.lines.len(),
                 d,
@@ -433,7 +445,7 @@ fn fit_standardization(train: &Dataset, schema: &mut Schema) {
 /// Reads rows to predict on: the schema's feature columns by name (the label column, if
 /// present, is returned as well for scoring). Standardization is applied.
 pub fn load_for_inference(path: &Path, schema: &Schema) -> Result<(Dataset, Option<Targets>)> {
-    let raw = read_csv(path, &schema.label, Some(&schema.features), false)?;
+    let raw = read_csv(path, &schema.label, Some(&schema.features), &[], false)?;
     let y = match raw.labels.is_some() {
         true => Some(targets(path, &raw, schema)?),
         false => None,

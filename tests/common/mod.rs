@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests: run the `wick` binary, read run directories.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// The repository root (tests run the binary from here so relative data paths resolve).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn wick() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wick"));
+    c.current_dir(root());
+    c.env_remove("RAYON_NUM_THREADS");
+    c
+}
+
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// Runs `wick train CONFIG --run-dir DIR ARGS…` quietly and returns DIR; panics with the
+/// output if it fails.
+pub fn train(config: &str, run_dir: &Path, args: &[&str]) -> PathBuf {
+    let o = wick()
+        .args(["train", config, "--quiet", "--run-dir"])
+        .arg(run_dir)
+        .args(args)
+        .output()
+        .expect("run wick");
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "wick train failed:\n{out}\n{err}");
+    let last = out.lines().last().unwrap_or_default();
+    assert_eq!(Path::new(last), run_dir, "last stdout line is the run dir");
+    run_dir.to_path_buf()
+}
+
+pub fn sha256(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn summary(run: &Path) -> serde_json::Value {
+    let s = std::fs::read_to_string(run.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&s).unwrap()
+}
+
+pub fn final_metric(run: &Path, key: &str) -> f64 {
+    summary(run)["final_metrics"][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in summary"))
+}
+
+pub fn weights(run: &Path) -> PathBuf {
+    run.join("checkpoints/last/model.safetensors")
+}
+
+/// In CI (`CI=true`) a missing test asset is a failure, elsewhere a loud skip.
+pub fn require_asset(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("test asset missing in CI: {what}; scripts/test.sh fetches it");
+    }
+    eprintln!("SKIPPED: {what} is missing; run scripts/test.sh to fetch it");
+    false
+}

@@ -1,0 +1,185 @@
+//! Bad input gives one clear line on stderr and a non-zero exit, never a panic.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+/// Runs `wick train` on a config written to a temp dir and returns its stderr.
+fn fails(config: &str, extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, config).unwrap();
+    fails_at(&path, extra)
+}
+
+fn fails_at(path: &Path, extra: &[&str]) -> String {
+    let o = wick()
+        .arg("train")
+        .arg(path)
+        .args(["--run-dir"])
+        .arg(path.with_extension("run"))
+        .args(extra)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2\nstdout: {out}\nstderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+const OK_DATA: &str = "[data]\npath = \"data/sklearn/iris.csv\"\n";
+
+#[test]
+fn unknown_key_names_line_and_suggests() {
+    let e = fails(
+        &format!("{OK_DATA}[train]\nepochs = 3\nbatchsize = 8\n"),
+        &[],
+    );
+    assert!(
+        e.contains("bad.toml:5:1: unknown key `batchsize` in [train]; did you mean `batch_size`?"),
+        "{e}"
+    );
+    let e = fails(&format!("{OK_DATA}[optim]\nlearning_rate = 0.1\n"), &[]);
+    assert!(e.contains("unknown key `learning_rate` in [optim]"), "{e}");
+    let e = fails(OK_DATA, &["--set", "optim.lrr=0.1"]);
+    assert!(
+        e.contains("--set optim.lrr=0.1: unknown key `lrr` in [optim]; did you mean `lr`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_says_what_is_expected() {
+    let e = fails(&format!("{OK_DATA}[train]\nepochs = \"ten\"\n"), &[]);
+    assert!(
+        e.contains(":4:10: `train.epochs`: invalid type: string \"ten\""),
+        "{e}"
+    );
+    assert!(e.contains("expected"), "{e}");
+    let e = fails(&format!("{OK_DATA}[model]\nhidden = 64\n"), &[]);
+    assert!(
+        e.contains("`model.hidden`: invalid type: integer `64`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_data_file_names_the_key_and_paths() {
+    let e = fails("[data]\npath = \"nope/missing.csv\"\n", &[]);
+    assert!(
+        e.contains("`data.path` = \"nope/missing.csv\": file not found"),
+        "{e}"
+    );
+    let e = fails("[train]\nepochs = 3\n", &[]);
+    assert!(
+        e.contains("bad.toml: the file is missing the required section [data]"),
+        "{e}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let o = wick()
+        .args(["train"])
+        .arg(tmp.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("absent.toml: cannot read the config file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn out_of_range_values_are_rejected() {
+    let e = fails(&format!("{OK_DATA}[optim]\nlr = -0.1\n"), &[]);
+    assert!(
+        e.contains("`optim.lr` = -0.1: expected a positive number"),
+        "{e}"
+    );
+    let e = fails(OK_DATA, &["--set", "train.batch_size=0"]);
+    assert!(
+        e.contains("`train.batch_size` = 0: expected a positive batch size"),
+        "{e}"
+    );
+    let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);
+    assert!(e.contains("`model.dropout` = 1.5"), "{e}");
+    let e = fails(OK_DATA, &["--set", "train.monitor=\"eval_acc\""]);
+    assert!(e.contains("did you mean \"eval_accuracy\"?"), "{e}");
+    let e = fails(&format!("{OK_DATA}[optim]\nkind = \"adam\"\n"), &[]);
+    assert!(
+        e.contains(
+            "`optim.kind` = \"adam\" is not one of \"sgd\", \"adamw\"; did you mean \"adamw\"?"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_csv_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    let header_only = tmp.path().join("header.csv");
+    std::fs::write(&header_only, "a,b,target\n").unwrap();
+    for (f, want) in [
+        (&empty, "the file is empty"),
+        (&header_only, "no data rows"),
+    ] {
+        let e = fails(&format!("[data]\npath = \"{}\"\n", f.display()), &[]);
+        assert!(
+            e.contains(&f.display().to_string()) && e.contains(want),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn missing_label_column_lists_columns_and_suggests() {
+    let e = fails(
+        "[data]\npath = \"data/sklearn/iris.csv\"\nlabel = \"targets\"\n",
+        &[],
+    );
+    assert!(
+        e.contains("iris.csv: no label column `targets` (data.label)"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean `target`?"), "{e}");
+}
+
+#[test]
+fn non_numeric_feature_names_line_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("bad.csv");
+    std::fs::write(&f, "a,b,target\n1,2,x\n3,oops,y\n").unwrap();
+    let e = fails(
+        &format!("[data]\npath = \"{}\"\ntest_fraction = 0.5\n", f.display()),
+        &[],
+    );
+    assert!(
+        e.contains("line 3, column `b`: expected a number, got \"oops\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn resume_of_a_non_run_is_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = wick()
+        .args(["train", "--resume"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("not a wick run directory"), "{err}");
+}
