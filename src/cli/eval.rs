@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{load_run_model, Which};
+use super::{load_run_model, LoadedRun, Which};
 use crate::data::load_split;
 use crate::data::table::load_for_inference;
 use crate::train::metrics;
@@ -26,7 +26,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let (_run, cfg, schema, model, ckpt) = load_run_model(&a.run_dir, a.checkpoint)?;
+    let LoadedRun {
+        schema,
+        cfg,
+        model,
+        checkpoint: ckpt,
+    } = load_run_model(&a.run_dir, a.checkpoint)?;
     let (ds, source) = match &a.data {
         Some(p) => {
             let (ds, y) = load_for_inference(p, &schema)?;

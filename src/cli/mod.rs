@@ -57,17 +57,17 @@ pub enum Which {
     Last,
 }
 
+/// A trained run, loaded for inference.
+pub(crate) struct LoadedRun {
+    pub schema: crate::data::Schema,
+    pub cfg: crate::config::Config,
+    pub model: Box<dyn crate::model::Model>,
+    /// The checkpoint directory the weights came from.
+    pub checkpoint: PathBuf,
+}
+
 /// Loads a run's model with the weights of checkpoint `which` (`best` falls back to `last`).
-pub(crate) fn load_run_model(
-    run_dir: &std::path::Path,
-    which: Which,
-) -> anyhow::Result<(
-    crate::train::RunDir,
-    crate::config::Config,
-    crate::data::Schema,
-    Box<dyn crate::model::Model>,
-    PathBuf,
-)> {
+pub(crate) fn load_run_model(run_dir: &std::path::Path, which: Which) -> anyhow::Result<LoadedRun> {
     let run = crate::train::RunDir::open(run_dir)?;
     let cfg = run.config()?;
     let schema = run.schema()?;
@@ -79,9 +79,14 @@ pub(crate) fn load_run_model(
     if crate::train::checkpoint::locate(&dir).is_err() {
         dir = run.checkpoint("last");
     }
-    let dir = crate::train::checkpoint::locate(&dir)?;
+    let checkpoint = crate::train::checkpoint::locate(&dir)?;
     model
         .store()
-        .load_safetensors(&dir.join(crate::train::checkpoint::MODEL_FILE))?;
-    Ok((run, cfg, schema, model, dir))
+        .load_safetensors(&checkpoint.join(crate::train::checkpoint::MODEL_FILE))?;
+    Ok(LoadedRun {
+        schema,
+        cfg,
+        model,
+        checkpoint,
+    })
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{load_run_model, Which};
+use super::{load_run_model, LoadedRun, Which};
 use crate::config::Task;
 use crate::data::table::load_for_inference;
 use crate::train::metrics::{argmax, softmax};
@@ -26,7 +26,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> anyhow::Result<()> {
-    let (_run, _cfg, schema, model, _ckpt) = load_run_model(&a.run_dir, a.checkpoint)?;
+    let LoadedRun { schema, model, .. } = load_run_model(&a.run_dir, a.checkpoint)?;
     let (ds, _) = load_for_inference(&a.input, &schema)?;
     let t0 = std::time::Instant::now();
     let out = predict(model.as_ref(), &ds)?;

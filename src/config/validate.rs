@@ -82,7 +82,7 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "two numbers in [0, 1), e.g. [0.9, 0.999]",
         );
     }
-    if !(o.eps > 0.0) {
+    if o.eps.is_nan() || o.eps <= 0.0 {
         return bad(
             "optim.eps",
             o.eps.to_string(),

@@ -259,6 +259,10 @@ impl Model for Mlp {
         &self.store
     }
 
+    fn kind(&self) -> &str {
+        "mlp"
+    }
+
     fn forward(&self, xs: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor> {
         let mut h = xs.clone();
         let last = self.layers.len() - 1;

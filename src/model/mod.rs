@@ -156,6 +156,11 @@ pub trait Model: Send {
     /// The model's parameters (build the model through [`ParamStore::var_builder`]).
     fn store(&self) -> &ParamStore;
 
+    /// A short name of the architecture, recorded in `summary.json`.
+    fn kind(&self) -> &str {
+        "custom"
+    }
+
     /// Forward pass: `[n, d]` features to `[n, outputs]` logits or predictions. Use
     /// [`ModelCtx::dropout`] for dropout so that runs stay reproducible.
     fn forward(&self, xs: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor>;

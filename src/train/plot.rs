@@ -7,6 +7,9 @@ use plotters::prelude::*;
 use crate::train::metrics::Metrics;
 use crate::{Error, Result};
 
+/// A named, coloured line.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
 
 fn register_font() {
@@ -49,7 +52,7 @@ pub fn draw(path: &Path, rows: &[Metrics], title: &str) -> Result<()> {
                  caption: &str,
                  keys: &[(&str, RGBColor)]|
      -> Result<()> {
-        let data: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = keys
+        let data: Vec<Series> = keys
             .iter()
             .map(|(k, c)| (*k, *c, series(rows, k)))
             .filter(|(_, _, s)| !s.is_empty())

@@ -331,7 +331,7 @@ impl Trainer {
             wick_version: crate::VERSION.into(),
             config_hash: hash,
             seed,
-            model: format!("{:?}", cfg.model.kind).to_lowercase(),
+            model: self.model.kind().to_string(),
             num_params: store.num_params(),
             epochs_completed: st.epoch,
             steps: st.step,
