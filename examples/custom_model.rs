@@ -60,9 +60,15 @@ pub fn run(run_dir: &Path) -> anyhow::Result<Summary> {
         &["train.epochs=40".into(), "run.name=residual".into()],
     )?;
     let (train, eval, schema) = wick::data::load_split(&cfg.data, cfg.run.seed)?;
-    let model = ResidualNet::new(cfg.run.seed, schema.features.len(), 32, schema.outputs())?;
+    let model = ResidualNet::new(cfg.run.seed, schema.input_dim, 32, schema.outputs())?;
     let run = RunDir::create(&cfg, &schema, Some(run_dir))?;
-    let mut trainer = Trainer::new(cfg, Box::new(model), train, eval, schema);
+    let mut trainer = Trainer::new(
+        cfg,
+        Box::new(model),
+        Box::new(train),
+        Box::new(eval),
+        schema,
+    );
     Ok(trainer.fit(&run, false)?)
 }
 

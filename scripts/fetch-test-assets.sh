@@ -10,3 +10,6 @@ if ! PYTHONPATH=.cache/python python3 -c "import safetensors.numpy, numpy" 2>/de
     echo "fetching python packages safetensors, numpy into .cache/python" >&2
     python3 -m pip install --quiet --disable-pip-version-check --target .cache/python safetensors numpy
 fi
+
+# Fashion-MNIST (Debian dataset-fashion-mnist), packed into shards.
+scripts/fetch-fashion-mnist.sh

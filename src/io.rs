@@ -37,14 +37,3 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     let _ = dir;
     Ok(())
 }
-
-/// Appends one line to a file and flushes it (used for `metrics.jsonl`).
-pub fn append_line(path: &Path, line: &str) -> Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    writeln!(f, "{line}").map_err(|e| Error::io(path, e))?;
-    Ok(())
-}

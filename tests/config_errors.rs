@@ -77,7 +77,7 @@ fn wrong_type_says_what_is_expected() {
 fn missing_data_file_names_the_key_and_paths() {
     let e = fails("[data]\npath = \"nope/missing.csv\"\n", &[]);
     assert!(
-        e.contains("`data.path` = \"nope/missing.csv\": file not found"),
+        e.contains("`data.path` = \"nope/missing.csv\": no such file or shard directory"),
         "{e}"
     );
     let e = fails("[train]\nepochs = 3\n", &[]);
@@ -182,4 +182,70 @@ fn resume_of_a_non_run_is_clear() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2));
     assert!(err.contains("not a wick run directory"), "{err}");
+}
+
+#[test]
+fn duplicate_header_and_bad_regression_labels_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dup = tmp.path().join("dup.csv");
+    std::fs::write(&dup, "a,a,target\n1,2,x\n3,4,y\n").unwrap();
+    let e = fails(&format!("[data]\npath = \"{}\"\n", dup.display()), &[]);
+    assert!(e.contains("names column `a` twice"), "{e}");
+    let reg = tmp.path().join("reg.csv");
+    let test = tmp.path().join("reg_test.csv");
+    std::fs::write(&reg, "a,target\n1,0.5\n2,1.5\n3,2.5\n").unwrap();
+    std::fs::write(&test, "a,target\n1,0.5\n2,oops\n").unwrap();
+    let e = fails(
+        &format!(
+            "[data]\npath = \"{}\"\ntest_path = \"{}\"\ntask = \"regression\"\n",
+            reg.display(),
+            test.display()
+        ),
+        &[],
+    );
+    assert!(
+        e.contains("reg_test.csv: line 3: the label \"oops\" is not a finite number"),
+        "{e}"
+    );
+}
+
+#[test]
+fn resume_refuses_changed_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("iris.csv");
+    std::fs::copy(root().join("data/sklearn/iris.csv"), &csv).unwrap();
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\npath = \"{}\"\n[train]\nepochs = 2\n",
+            csv.display()
+        ),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = wick()
+        .arg("train")
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("-q")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let text = std::fs::read_to_string(&csv)
+        .unwrap()
+        .replacen("5.1,3.5", "5.2,3.5", 1);
+    std::fs::write(&csv, text).unwrap();
+    let o = wick()
+        .args(["train", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("the data differs from what this run was trained on"),
+        "{err}"
+    );
 }

@@ -70,6 +70,28 @@ fn reproducible_through_the_autograd_path_and_accumulation() {
 }
 
 #[test]
+fn identical_when_products_are_large_enough_to_split_across_threads() {
+    // The first layer's weight gradient is 128×64×1100 ≈ 9M multiply-adds, above the size at
+    // which the GEMM splits work between threads.
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |t: &'static str| {
+        [
+            "--threads",
+            t,
+            "--set",
+            "model.hidden=[128]",
+            "--set",
+            "train.batch_size=1100",
+            "--set",
+            "train.epochs=3",
+        ]
+    };
+    let a = train("configs/digits_mlp.toml", &tmp.path().join("a"), &args("1"));
+    let b = train("configs/digits_mlp.toml", &tmp.path().join("b"), &args("2"));
+    assert_eq!(sha256(&weights(&a)), sha256(&weights(&b)));
+}
+
+#[test]
 fn a_different_seed_gives_different_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let a = train(

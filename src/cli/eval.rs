@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{load_run_model, LoadedRun, Which};
-use crate::data::load_split;
 use crate::data::table::load_for_inference;
+use crate::data::{open_sources, Source};
 use crate::train::metrics;
 use crate::train::predict;
 
@@ -32,9 +32,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         model,
         checkpoint: ckpt,
     } = load_run_model(&a.run_dir, a.checkpoint)?;
-    let (ds, source) = match &a.data {
+    let (ds, source): (Box<dyn Source>, String) = match &a.data {
         Some(p) => {
-            let (ds, y) = load_for_inference(p, &schema)?;
+            let (ds, y) = load_for_inference(p, &schema, true)?;
             if y.is_none() {
                 anyhow::bail!(
                     "{}: no label column `{}`; eval needs labels (use `wick predict` for unlabelled rows)",
@@ -42,30 +42,37 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                     schema.label
                 );
             }
-            (ds, p.display().to_string())
+            (Box::new(ds), p.display().to_string())
         }
         None => {
-            let (_, eval, _) = load_split(&cfg.data, cfg.run.seed)?;
-            (
-                eval,
-                format!("held-out split of {}", cfg.data.path.display()),
-            )
+            let (_, eval, now) = open_sources(&cfg.data, cfg.run.seed)?;
+            if now != schema {
+                anyhow::bail!(
+                    "{}: the data changed since the run was trained; pass --data CSV to evaluate on another file",
+                    cfg.data.path.display()
+                );
+            }
+            let what = match &cfg.data.test_path {
+                Some(t) => t.display().to_string(),
+                None => format!("held-out split of {}", cfg.data.path.display()),
+            };
+            (eval, what)
         }
     };
-    let out = predict(model.as_ref(), &ds)?;
-    let m = metrics::evaluate(&out, schema.outputs(), &ds.y);
+    let out = predict(model.as_ref(), ds.as_ref())?;
+    let m = metrics::evaluate(&out, schema.outputs(), &ds.targets()?);
     if a.json {
         let v = serde_json::json!({
             "run_dir": a.run_dir,
             "checkpoint": ckpt,
             "data": source,
-            "samples": ds.n,
+            "samples": ds.len(),
             "metrics": m,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("checkpoint {}", ckpt.display());
-        println!("data       {source} ({} rows)", ds.n);
+        println!("data       {source} ({} rows)", ds.len());
         for (k, v) in &m {
             println!("{k:<10} {v:.6}");
         }

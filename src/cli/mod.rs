@@ -1,6 +1,7 @@
 //! The `wick` command line. Each subcommand lives in its own file and only parses arguments,
 //! calls the library and prints.
 
+mod data;
 mod eval;
 mod predict;
 mod runs;
@@ -17,7 +18,10 @@ Examples:
   wick train --resume checkpoints/runs/digits_mlp-20261125-101500
   wick eval checkpoints/runs/digits_mlp-20261125-101500 --json
   wick predict checkpoints/runs/iris_mlp-20261125-101500 --input data/sklearn/iris.csv
-  wick runs";
+  wick runs
+  wick data pack idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out data/fashion/train
+  wick data inspect data/fashion/train
+  wick data verify data/fashion/train";
 
 /// wick: train, evaluate and serve models from a TOML file, reproducibly.
 #[derive(Debug, Parser)]
@@ -37,6 +41,8 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// List runs as a table.
     Runs(runs::RunsArgs),
+    /// Pack, inspect and verify shard datasets.
+    Data(data::DataArgs),
 }
 
 /// Parses `std::env::args` and runs the command.
@@ -47,6 +53,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Runs(a) => runs::run(a),
+        Command::Data(a) => data::run(a),
     }
 }
 

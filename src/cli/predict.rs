@@ -27,7 +27,7 @@ pub struct PredictArgs {
 
 pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     let LoadedRun { schema, model, .. } = load_run_model(&a.run_dir, a.checkpoint)?;
-    let (ds, _) = load_for_inference(&a.input, &schema)?;
+    let (ds, _) = load_for_inference(&a.input, &schema, false)?;
     let t0 = std::time::Instant::now();
     let out = predict(model.as_ref(), &ds)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -67,9 +67,20 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     set_threads(a.threads.unwrap_or(cfg.run.threads));
     let mut trainer = Trainer::from_config(&cfg)?;
     let run = match run {
-        Some(r) => r,
+        Some(r) => {
+            let saved = r.schema()?;
+            if saved != trainer.schema {
+                bail!(
+                    "{}: the data differs from what this run was trained on (dataset.json no longer matches {}); restore the data or start a new run",
+                    r.path.display(),
+                    cfg.data.path.display()
+                );
+            }
+            r
+        }
         None => RunDir::create(&cfg, &trainer.schema, a.run_dir.as_deref())?,
     };
+    let _lock = run.lock()?;
     let verbosity = if a.quiet {
         Verbosity::Quiet
     } else {

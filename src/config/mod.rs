@@ -75,32 +75,50 @@ pub enum Task {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// CSV file with a header row. Relative paths are resolved against the working directory,
-    /// then against the config file's directory.
+    /// A CSV file with a header row, or a shard directory made by `wick data pack`. Relative
+    /// paths are resolved against the working directory, then against the config file's
+    /// directory.
     pub path: PathBuf,
-    /// Name of the label column.
-    pub label: String,
-    /// Optional held-out file; when absent, `test_fraction` of `path` is held out.
+    /// Name of the label column (CSV; default `target`) or field (shards; default the
+    /// manifest's label field).
+    pub label: Option<String>,
+    /// Shards: the field fed to the model (default: the first fixed-shape field that is not
+    /// the label).
+    pub input: Option<String>,
+    /// Optional held-out file or shard directory; when absent, `test_fraction` of `path` is
+    /// held out.
     pub test_path: Option<PathBuf>,
     /// Fraction held out for evaluation (seeded split) when there is no `test_path`.
     pub test_fraction: f64,
     pub task: Task,
     /// Columns to ignore (neither feature nor label).
     pub drop: Vec<String>,
-    /// Standardize features with the training split's mean and standard deviation.
+    /// Standardize features with the training split's mean and standard deviation (CSV) or
+    /// the statistics recorded when packing (shards).
     pub standardize: bool,
+    /// Shards: check every shard's checksum when opening the dataset.
+    pub verify_checksums: bool,
+}
+
+impl DataConfig {
+    /// The CSV label column.
+    pub fn csv_label(&self) -> &str {
+        self.label.as_deref().unwrap_or("target")
+    }
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::new(),
-            label: "target".into(),
+            label: None,
+            input: None,
             test_path: None,
             test_fraction: 0.2,
             task: Task::Auto,
             drop: Vec::new(),
             standardize: true,
+            verify_checksums: true,
         }
     }
 }

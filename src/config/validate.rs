@@ -23,7 +23,7 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
     if let Some(p) = &cfg.data.test_path {
         cfg.data.test_path = Some(resolve(origin, "data.test_path", p, base)?);
     }
-    if cfg.data.label.is_empty() {
+    if cfg.data.label.as_deref() == Some("") {
         return bad("data.label", "\"\"".into(), "the name of the label column");
     }
     let tf = cfg.data.test_fraction;
@@ -41,14 +41,39 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "\"cpu\" (this build has no GPU support)",
         );
     }
-    if cfg.run.name.is_empty() || cfg.run.name.contains(['/', '\\']) {
+    if cfg.run.name.is_empty()
+        || !cfg
+            .run
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
         return bad(
             "run.name",
-            format!("\"{}\"", cfg.run.name),
-            "a non-empty name without path separators",
+            format!("{:?}", cfg.run.name),
+            "a non-empty name of letters, digits, '.', '_' and '-'",
+        );
+    }
+    if cfg
+        .run
+        .output_dir
+        .to_str()
+        .is_none_or(|s| s.chars().any(char::is_control))
+    {
+        return bad(
+            "run.output_dir",
+            format!("{:?}", cfg.run.output_dir),
+            "a UTF-8 path without control characters",
         );
     }
     let m = &cfg.model;
+    if m.hidden.iter().any(|&h| h > 1 << 20) {
+        return bad(
+            "model.hidden",
+            format!("{:?}", m.hidden),
+            "layer widths of at most 1048576",
+        );
+    }
     if m.hidden.contains(&0) {
         return bad(
             "model.hidden",
@@ -82,7 +107,7 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "two numbers in [0, 1), e.g. [0.9, 0.999]",
         );
     }
-    if o.eps.is_nan() || o.eps <= 0.0 {
+    if !o.eps.is_finite() || o.eps <= 0.0 {
         return bad(
             "optim.eps",
             o.eps.to_string(),
@@ -94,6 +119,13 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "optim.momentum",
             o.momentum.to_string(),
             "a number in [0, 1), e.g. 0.9",
+        );
+    }
+    if !(0.0..1.0).contains(&o.dampening) {
+        return bad(
+            "optim.dampening",
+            o.dampening.to_string(),
+            "a number in [0, 1)",
         );
     }
     if o.nesterov && (o.kind != OptimKind::Sgd || o.momentum <= 0.0 || o.dampening != 0.0) {
@@ -133,26 +165,42 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
         );
     }
     let t = &cfg.train;
-    if t.epochs == 0 {
+    if t.epochs == 0 || t.epochs > 1_000_000 {
         return bad(
             "train.epochs",
-            "0".into(),
-            "a positive number of epochs, e.g. 10",
+            t.epochs.to_string(),
+            "a number of epochs from 1 to 1000000, e.g. 10",
         );
     }
-    if t.batch_size == 0 {
+    if t.batch_size == 0 || t.batch_size > 1 << 24 {
         return bad(
             "train.batch_size",
-            "0".into(),
+            t.batch_size.to_string(),
             "a positive batch size, e.g. 32",
         );
     }
-    if t.accumulate == 0 {
+    if t.accumulate == 0 || t.accumulate > 1 << 20 {
         return bad(
             "train.accumulate",
-            "0".into(),
+            t.accumulate.to_string(),
             "1 or more micro-batches per optimizer step",
         );
+    }
+    if let Some(es) = &t.early_stopping {
+        if es.patience == 0 {
+            return bad(
+                "train.early_stopping.patience",
+                "0".into(),
+                "1 or more evaluations",
+            );
+        }
+        if !(es.min_delta.is_finite() && es.min_delta >= 0.0) {
+            return bad(
+                "train.early_stopping.min_delta",
+                es.min_delta.to_string(),
+                "a number >= 0",
+            );
+        }
     }
     if !(t.clip_norm >= 0.0 && t.clip_norm.is_finite()) {
         return bad(
@@ -209,13 +257,19 @@ fn resolve(origin: &str, key: &str, p: &Path, base: &Path) -> Result<PathBuf> {
         vec![cwd.join(p), base.join(p)]
     };
     for c in &candidates {
-        if c.is_file() {
-            return Ok(c.canonicalize().unwrap_or_else(|_| c.clone()));
+        if c.is_file() || c.join(crate::data::shard::MANIFEST).is_file() {
+            let abs = c.canonicalize().unwrap_or_else(|_| c.clone());
+            if abs.to_str().is_none() {
+                return Err(Error::Config(format!(
+                    "{origin}: `{key}` = {p:?}: the path is not valid UTF-8; rename it"
+                )));
+            }
+            return Ok(abs);
         }
     }
     let looked: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
     Err(Error::Config(format!(
-        "{origin}: `{key}` = \"{}\": file not found (looked at {}); fix the path, or run from the directory it is relative to",
+        "{origin}: `{key}` = \"{}\": no such file or shard directory (looked at {}); fix the path, or run from the directory it is relative to",
         p.display(),
         looked.join(" and ")
     )))

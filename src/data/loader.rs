@@ -6,7 +6,9 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{Dataset, Targets};
+use std::ops::Range;
+
+use super::{Dataset, Source, Targets};
 use crate::rng::Rng;
 use crate::Result;
 
@@ -68,10 +70,41 @@ impl BatchPlan {
         &self.order[start..end]
     }
 
-    /// Gathers batch `i` of `ds` into tensors on `device`.
-    pub fn batch(&self, ds: &Dataset, i: usize, device: &Device) -> Result<Batch> {
-        gather(ds, self.indices(i), device)
+    /// Collates batch `i` of `src` on `device`.
+    pub fn batch(&self, src: &dyn Source, i: usize, device: &Device) -> Result<Batch> {
+        src.gather(self.indices(i), device)
     }
+}
+
+/// Runs `consume` over batches `range` of `plan`, collated by a background thread that
+/// keeps up to `depth` batches ready (a bounded queue, so memory stays bounded). The batches
+/// arrive in order, so results do not depend on timing. With `depth` 0, batches are collated
+/// on the calling thread as they are consumed.
+pub fn with_prefetch<R>(
+    src: &dyn Source,
+    plan: &BatchPlan,
+    range: Range<usize>,
+    device: &Device,
+    depth: usize,
+    consume: impl FnOnce(&mut dyn Iterator<Item = (usize, Result<Batch>)>) -> R,
+) -> R {
+    if depth == 0 {
+        let mut it = range.map(|b| (b, plan.batch(src, b, device)));
+        return consume(&mut it);
+    }
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(depth);
+        s.spawn(move || {
+            for b in range {
+                // A closed channel means the consumer stopped early.
+                if tx.send((b, plan.batch(src, b, device))).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut it = rx.into_iter();
+        consume(&mut it)
+    })
 }
 
 /// Collates the rows `idx` of `ds`.

@@ -5,7 +5,150 @@
 //! resumable mini-batches.
 
 pub mod loader;
+pub mod pack;
+pub mod shard;
+pub mod shardset;
+pub mod source;
 pub mod table;
 
 pub use loader::{Batch, BatchPlan};
+pub use shardset::ShardSet;
+pub use source::{ShardSource, Source, Subset};
 pub use table::{load_split, Dataset, Schema, Targets};
+
+use std::sync::Arc;
+
+use crate::config::{DataConfig, Task};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Training source, evaluation source and their schema.
+pub type Sources = (Box<dyn Source>, Box<dyn Source>, Schema);
+
+/// The training and evaluation sources described by `[data]`, and their schema: a CSV table
+/// (read into memory) or shard directories (memory-mapped).
+pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
+    if !cfg.path.join(shard::MANIFEST).is_file() {
+        let (train, eval, schema) = load_split(cfg, seed)?;
+        return Ok((Box::new(train), Box::new(eval), schema));
+    }
+    let set = ShardSet::open(&cfg.path, cfg.verify_checksums)?;
+    let m = set.manifest.clone();
+    let dir = cfg.path.display();
+    let label = match (&cfg.label, &m.label) {
+        (Some(l), _) => l.clone(),
+        (None, Some(l)) => l.clone(),
+        (None, None) => {
+            return Err(Error::Data(format!(
+                "{dir}: the manifest names no label field; set data.label"
+            )))
+        }
+    };
+    let input = match &cfg.input {
+        Some(i) => i.clone(),
+        None => m
+            .fields
+            .iter()
+            .find(|f| f.name != label && f.shape.is_some())
+            .map(|f| f.name.clone())
+            .ok_or_else(|| {
+                Error::Data(format!("{dir}: no fixed-shape input field; set data.input"))
+            })?,
+    };
+    let norm = if cfg.standardize {
+        m.stats.get(&input)
+    } else {
+        None
+    };
+    let train = ShardSource::new(set, &input, &label, norm)?;
+    let regression = m
+        .field(&label)
+        .is_some_and(|f| f.dtype == shard::Dtype::F32);
+    let task = match (cfg.task, regression) {
+        (Task::Regression, _) | (Task::Auto, true) => Task::Regression,
+        _ => Task::Classification,
+    };
+    let classes = if task == Task::Classification {
+        let k = match train.targets()? {
+            Targets::Classes(c) => c.iter().copied().max().map(|m| m as usize + 1).unwrap_or(0),
+            Targets::Values(_) => 0,
+        };
+        if m.classes.is_empty() {
+            (0..k).map(|i| i.to_string()).collect()
+        } else if k > m.classes.len() {
+            return Err(Error::Data(format!(
+                "{dir}: a label is {} but the manifest lists {} classes; re-run `wick data pack`",
+                k - 1,
+                m.classes.len()
+            )));
+        } else {
+            m.classes.clone()
+        }
+    } else {
+        Vec::new()
+    };
+    let dim = train.dim();
+    let stats = norm.cloned();
+    let manifests = [
+        Some(cfg.path.join(shard::MANIFEST)),
+        cfg.test_path.as_ref().map(|p| p.join(shard::MANIFEST)),
+    ];
+    let schema = Schema {
+        data_hash: table::fingerprint(&[manifests[0].as_ref(), manifests[1].as_ref()])?,
+        features: if m.feature_names.len() == dim {
+            m.feature_names.clone()
+        } else {
+            vec![input.clone()]
+        },
+        input_dim: dim,
+        label: label.clone(),
+        task,
+        classes,
+        mean: stats
+            .as_ref()
+            .map(|s| s.mean.iter().map(|&v| v as f32).collect())
+            .unwrap_or_default(),
+        std: stats
+            .as_ref()
+            .map(|s| s.std.iter().map(|&v| v as f32).collect())
+            .unwrap_or_default(),
+    };
+    match &cfg.test_path {
+        Some(p) => {
+            let tset = ShardSet::open(p, cfg.verify_checksums)?;
+            if tset.manifest.fields != m.fields {
+                return Err(Error::Data(format!(
+                    "{}: its fields differ from the training shards in {dir}",
+                    p.display()
+                )));
+            }
+            // Evaluation data is normalized with the *training* statistics.
+            let eval = ShardSource::new(tset, &input, &label, norm)?;
+            Ok((Box::new(train), Box::new(eval), schema))
+        }
+        None => {
+            let n = train.len();
+            let n_test = ((n as f64) * cfg.test_fraction).round() as usize;
+            if n_test == 0 || n_test == n {
+                return Err(Error::Data(format!(
+                    "{dir}: {n} samples cannot be split with data.test_fraction = {}",
+                    cfg.test_fraction
+                )));
+            }
+            let perm = Rng::keyed(seed, "split", 0).permutation(n);
+            let mut test = perm[..n_test].to_vec();
+            let mut tr = perm[n_test..].to_vec();
+            test.sort_unstable();
+            tr.sort_unstable();
+            let inner: Arc<dyn Source> = Arc::new(train);
+            Ok((
+                Box::new(Subset {
+                    inner: inner.clone(),
+                    idx: tr,
+                }),
+                Box::new(Subset { inner, idx: test }),
+                schema,
+            ))
+        }
+    }
+}

@@ -16,6 +16,13 @@ pub const AUTO_MAX_CLASSES: usize = 50;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Schema {
     pub features: Vec<String>,
+    /// Number of model inputs (for CSV, the number of features).
+    #[serde(default)]
+    pub input_dim: usize,
+    /// Fingerprint (xxh3) of the data files the run was trained on; eval and resume refuse
+    /// data that changed.
+    #[serde(default)]
+    pub data_hash: String,
     pub label: String,
     /// `Classification` or `Regression` (never `Auto` once resolved).
     pub task: Task,
@@ -121,6 +128,17 @@ fn read_csv(
         return Err(data_err(
             path,
             "the file is empty; expected a header row and at least one data row",
+        ));
+    }
+    let mut sorted: Vec<&String> = header.iter().collect();
+    sorted.sort();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(data_err(
+            path,
+            format!(
+                "the header names column `{}` twice; column names must be unique",
+                w[0]
+            ),
         ));
     }
     let label_col = header.iter().position(|h| h == label);
@@ -233,14 +251,22 @@ fn read_csv(
 
 /// Decides the task and class list from the training labels.
 fn resolve_task(path: &Path, task: Task, labels: &[String]) -> Result<(Task, Vec<String>)> {
-    let numeric: Option<Vec<f64>> = labels.iter().map(|s| s.parse::<f64>().ok()).collect();
+    // Labels that parse as finite f32 numbers; `nan`, `inf` or 1e39 count as text.
+    let numeric: Option<Vec<f64>> = labels
+        .iter()
+        .map(|s| {
+            s.parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .map(|v| v as f64)
+        })
+        .collect();
     let classes_of = |labels: &[String]| {
         let mut c: Vec<String> = labels.to_vec();
         match &numeric {
             Some(_) => c.sort_by(|a, b| {
-                a.parse::<f64>()
-                    .unwrap()
-                    .total_cmp(&b.parse::<f64>().unwrap())
+                let num = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+                num(a).total_cmp(&num(b))
             }),
             None => c.sort(),
         }
@@ -289,7 +315,7 @@ fn targets(path: &Path, raw: &RawTable, schema: &Schema) -> Result<Targets> {
                     data_err(
                         path,
                         format!(
-                            "line {line}: label \"{l}\" was never seen in training (classes: {})",
+                            "line {line}: label \"{l}\" was never seen in training (classes: {}); use more data or another run.seed",
                             schema.classes.join(", ")
                         ),
                     )
@@ -298,8 +324,24 @@ fn targets(path: &Path, raw: &RawTable, schema: &Schema) -> Result<Targets> {
             }
             Ok(Targets::Classes(out))
         }
-        _ => Ok(Targets::Values(
-            labels.iter().map(|l| l.parse::<f32>().unwrap()).collect(),
+        _ => labels
+            .iter()
+            .zip(&raw.lines)
+            .map(|(l, line)| parse_target(path, l, *line))
+            .collect::<Result<Vec<f32>>>()
+            .map(Targets::Values),
+    }
+}
+
+/// A finite regression target, or an error naming the line.
+fn parse_target(path: &Path, s: &str, line: u64) -> Result<f32> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(data_err(
+            path,
+            format!(
+                "line {line}: the label \"{s}\" is not a finite number, which regression needs"
+            ),
         )),
     }
 }
@@ -307,7 +349,7 @@ fn targets(path: &Path, raw: &RawTable, schema: &Schema) -> Result<Targets> {
 /// Loads the training and evaluation splits described by `[data]`, fits the schema on the
 /// training split, and standardizes both splits.
 pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Schema)> {
-    let raw = read_csv(&cfg.path, &cfg.label, None, &cfg.drop, true)?;
+    let raw = read_csv(&cfg.path, cfg.csv_label(), None, &cfg.drop, true)?;
     let labels = raw.labels.as_ref().expect("label column checked");
     let (train_idx, test_idx): (Vec<usize>, Vec<usize>) = match &cfg.test_path {
         Some(_) => ((0..raw.lines.len()).collect(), Vec::new()),
@@ -336,44 +378,26 @@ pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Sche
     let d = raw.features.len();
     let mut schema = Schema {
         features: raw.features.clone(),
-        label: cfg.label.clone(),
+        label: cfg.csv_label().to_string(),
+        input_dim: d,
+        data_hash: fingerprint(&[Some(&cfg.path), cfg.test_path.as_ref()])?,
         task,
         classes,
         mean: vec![0.0; d],
         std: vec![1.0; d],
     };
-    let all = Dataset {
+    // Every label of the file must be a class seen in the training split (or, for regression, a
+    // finite number); an unseen one is reported with its line.
+    let full = Dataset {
         x: raw.x.clone(),
         n: raw.lines.len(),
         d,
-        y: Targets::Values(Vec::new()),
-    };
-    // Targets of the training split must all be known classes; unseen eval labels are reported.
-    let mut full = all;
-    full.y = match &cfg.test_path {
-        Some(_) => targets(&cfg.path, &raw, &schema)?,
-        None => {
-            let t = targets_lenient(&raw, &schema);
-            if let Some(line) = test_idx
-                .iter()
-                .find(|&&i| matches!(&t, Targets::Classes(c) if c[i] == u32::MAX))
-                .map(|&i| raw.lines[i])
-            {
-                return Err(data_err(
-                    &cfg.path,
-                    format!(
-                        "line {line}: label \"{}\" appears only in the held-out split; it was never seen in training. Use more data or a different run.seed",
-                        labels[raw.lines.iter().position(|&l| l == line).unwrap()]
-                    ),
-                ));
-            }
-            t
-        }
+        y: targets(&cfg.path, &raw, &schema)?,
     };
     let mut train = full.select(&train_idx);
     let mut test = match &cfg.test_path {
         Some(p) => {
-            let raw_t = read_csv(p, &cfg.label, Some(&schema.features), &[], true)?;
+            let raw_t = read_csv(p, cfg.csv_label(), Some(&schema.features), &[], true)?;
             Dataset {
                 n: raw_t.lines.len(),
                 d,
@@ -391,24 +415,18 @@ pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Sche
     Ok((train, test, schema))
 }
 
-fn targets_lenient(raw: &RawTable, schema: &Schema) -> Targets {
-    let labels = raw.labels.as_ref().expect("label column checked");
-    match schema.task {
-        Task::Classification => Targets::Classes(
-            labels
-                .iter()
-                .map(|l| {
-                    schema
-                        .classes
-                        .iter()
-                        .position(|c| c == l)
-                        .map(|i| i as u32)
-                        .unwrap_or(u32::MAX)
-                })
-                .collect(),
-        ),
-        _ => Targets::Values(labels.iter().map(|l| l.parse::<f32>().unwrap()).collect()),
-    }
+/// xxh3 of each file's bytes (`-` for an absent one), joined with `+`.
+pub fn fingerprint(paths: &[Option<&std::path::PathBuf>]) -> Result<String> {
+    paths
+        .iter()
+        .map(|p| match p {
+            Some(p) => std::fs::read(p)
+                .map(|b| crate::data::shard::checksum(&b))
+                .map_err(|e| Error::io(p.as_path(), e)),
+            None => Ok("-".to_string()),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.join("+"))
 }
 
 /// Mean and population standard deviation per feature (std of a constant column is 1).
@@ -442,11 +460,15 @@ fn fit_standardization(train: &Dataset, schema: &mut Schema) {
         .collect();
 }
 
-/// Reads rows to predict on: the schema's feature columns by name (the label column, if
-/// present, is returned as well for scoring). Standardization is applied.
-pub fn load_for_inference(path: &Path, schema: &Schema) -> Result<(Dataset, Option<Targets>)> {
+/// Reads rows to predict on: the schema's feature columns by name; with `with_labels`, the label
+/// column too, if present (for scoring). Standardization is applied.
+pub fn load_for_inference(
+    path: &Path,
+    schema: &Schema,
+    with_labels: bool,
+) -> Result<(Dataset, Option<Targets>)> {
     let raw = read_csv(path, &schema.label, Some(&schema.features), &[], false)?;
-    let y = match raw.labels.is_some() {
+    let y = match raw.labels.is_some() && with_labels {
         true => Some(targets(path, &raw, schema)?),
         false => None,
     };

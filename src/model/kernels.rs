@@ -49,15 +49,17 @@ pub fn update_in_place(t: &Tensor, f: impl FnMut(&mut [f32])) -> Result<()> {
 /// tens of microseconds, more than splitting a smaller product saves (measured on the digits MLP,
 /// whose largest product is 64×256×256 = 4M).
 const PARALLEL_MIN_FLOPS: usize = 1 << 23;
-/// Fewest output rows per thread when splitting.
-const PARALLEL_MIN_ROWS: usize = 8;
+/// Output rows per block. Products with more rows are always computed block by block, on one
+/// thread or many, so the arithmetic (which the `gemm` crate chooses from each block's shape) is
+/// the same whatever the thread count.
+const ROW_BLOCK: usize = 256;
 
 /// `dst[m×n]` (row-major, contiguous) `=` or `+=` `A·B`, where `A` is `m×k` and `B` is `k×n`,
 /// each given by a slice and its (row, column) strides, so transposes cost nothing.
 ///
-/// The result does not depend on the number of threads: the rows of the output are split
-/// between threads, and every output element is reduced over `k` in the same order whatever
-/// the split.
+/// The result does not depend on the number of threads: the output is cut into blocks of
+/// [`ROW_BLOCK`] rows whatever the thread count, and threads only decide who computes which
+/// block.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     m: usize,
@@ -76,32 +78,33 @@ pub fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    if threads > 1 && m * n * k >= PARALLEL_MIN_FLOPS && m >= 2 * PARALLEL_MIN_ROWS {
+    if m <= ROW_BLOCK {
+        return gemm_serial(m, n, k, dst, accumulate, a, a_rs, a_cs, b, b_rs, b_cs);
+    }
+    let block = |(i, d): (usize, &mut [f32])| {
+        let r0 = i * ROW_BLOCK;
+        gemm_serial(
+            d.len() / n,
+            n,
+            k,
+            d,
+            accumulate,
+            &a[r0 * a_rs..],
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            b_cs,
+        );
+    };
+    let dst = &mut dst[..m * n];
+    if rayon::current_num_threads() > 1 && m * n * k >= PARALLEL_MIN_FLOPS {
         use rayon::prelude::*;
-        let rows = m.div_ceil(threads).max(PARALLEL_MIN_ROWS);
-        dst[..m * n]
-            .par_chunks_mut(rows * n)
+        dst.par_chunks_mut(ROW_BLOCK * n)
             .enumerate()
-            .for_each(|(i, d)| {
-                let r0 = i * rows;
-                let mi = d.len() / n;
-                gemm_serial(
-                    mi,
-                    n,
-                    k,
-                    d,
-                    accumulate,
-                    &a[r0 * a_rs..],
-                    a_rs,
-                    a_cs,
-                    b,
-                    b_rs,
-                    b_cs,
-                );
-            });
+            .for_each(block);
     } else {
-        gemm_serial(m, n, k, dst, accumulate, a, a_rs, a_cs, b, b_rs, b_cs);
+        dst.chunks_mut(ROW_BLOCK * n).enumerate().for_each(block);
     }
 }
 
@@ -197,6 +200,34 @@ mod tests {
             for (x, y) in c2.iter().zip(&want) {
                 assert!((x - 1.0 - y).abs() < 1e-4);
             }
+        }
+    }
+
+    #[test]
+    fn gemm_is_identical_for_any_thread_count() {
+        let mut r = Rng::new(2);
+        for &(m, n, k) in &[
+            (128, 64, 1100),
+            (200, 600, 600),
+            (65, 300, 700),
+            (1000, 70, 130),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| r.next_f32() - 0.5).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| r.next_f32() - 0.5).collect();
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut c = vec![0f32; m * n];
+                    gemm(m, n, k, &mut c, false, &a, k, 1, &b, n, 1);
+                    c
+                })
+            };
+            let one = run(1);
+            assert_eq!(one, run(2), "{m}x{n}x{k}");
+            assert_eq!(one, run(4), "{m}x{n}x{k}");
         }
     }
 

@@ -216,7 +216,7 @@ pub fn build(
             let store = ParamStore::with_device(seed, device.clone());
             let mlp = Mlp::new(
                 store,
-                schema.features.len(),
+                schema.input_dim,
                 &cfg.hidden,
                 schema.outputs(),
                 cfg.activation,

@@ -32,6 +32,8 @@ pub struct TrainerState {
     pub format: u32,
     pub wick_version: String,
     pub config_hash: String,
+    /// xxh3 of the run's `config.toml`; a resume requires it unchanged.
+    pub config_file: String,
     pub seed: u64,
     /// Epochs completed; the epoch in progress is this (0-based).
     pub epoch: usize,
@@ -53,11 +55,12 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
-    pub fn new(config_hash: &str, seed: u64) -> Self {
+    pub fn new(config_hash: &str, config_file: &str, seed: u64) -> Self {
         Self {
             format: 1,
             wick_version: crate::VERSION.into(),
             config_hash: config_hash.into(),
+            config_file: config_file.into(),
             seed,
             epoch: 0,
             batch: 0,
@@ -88,7 +91,12 @@ pub fn save(
     let parent = dir
         .parent()
         .ok_or_else(|| Error::Checkpoint(format!("{}: no parent directory", dir.display())))?;
-    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    if !parent.exists() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        if let Some(run) = parent.parent() {
+            sync_dir(run)?;
+        }
+    }
     let name = dir.file_name().unwrap().to_string_lossy().to_string();
     let tmp = parent.join(format!(".{name}.tmp"));
     let old = parent.join(format!(".{name}.old"));

@@ -67,11 +67,18 @@ impl Optimizer {
                     let step_size = (lr / bc1) as f32;
                     let bc2_sqrt = bc2.sqrt() as f32;
                     let decay = (1.0 - lr * wd) as f32;
-                    let (b1, b2, eps) = (b1 as f32, b2 as f32, self.cfg.eps as f32);
+                    // 1 - β in f64 first, as PyTorch does in Python floats.
+                    let c = AdamConsts {
+                        decay,
+                        b2: b2 as f32,
+                        one_minus_b1: (1.0 - b1) as f32,
+                        one_minus_b2: (1.0 - b2) as f32,
+                        eps: self.cfg.eps as f32,
+                        step_size,
+                        bc2_sqrt,
+                    };
                     let (m, v) = (&mut st.exp_avg, &mut st.exp_avg_sq);
-                    update_in_place(p.var.as_tensor(), |w| {
-                        adamw_kernel(w, g, m, v, [decay, b1, b2, eps, step_size, bc2_sqrt])
-                    })?;
+                    update_in_place(p.var.as_tensor(), |w| adamw_kernel(w, g, m, v, &c))?;
                 }
                 OptimKind::Sgd => {
                     let mom = self.cfg.momentum as f32;
@@ -128,7 +135,7 @@ impl Optimizer {
         }
         out.push((
             "step".to_string(),
-            Tensor::from_slice(&[self.step as f32], 1, &dev)?,
+            Tensor::from_slice(&[self.step as i64], 1, &dev)?,
         ));
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -140,11 +147,33 @@ impl Optimizer {
         params: &[Param],
         tensors: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
+        let bad = |msg: String| {
+            Error::Checkpoint(format!("optimizer state: {msg}; the checkpoint is corrupt"))
+        };
         let step = tensors
             .get("step")
-            .ok_or_else(|| Error::Checkpoint("optimizer state has no `step`".into()))?
-            .to_vec1::<f32>()?[0];
-        self.step = step as u64;
+            .ok_or_else(|| bad("no `step`".into()))?
+            .to_dtype(candle_core::DType::I64)?
+            .to_vec1::<i64>()?;
+        let [step] = step[..] else {
+            return Err(bad(format!("`step` has {} values, expected 1", step.len())));
+        };
+        self.step = u64::try_from(step).map_err(|_| bad(format!("`step` is {step}")))?;
+        let needs: &[&str] = match self.cfg.kind {
+            OptimKind::Adamw => &["exp_avg", "exp_avg_sq"],
+            OptimKind::Sgd if self.cfg.momentum != 0.0 => &["momentum_buffer"],
+            OptimKind::Sgd => &[],
+        };
+        if self.step > 0 {
+            for p in params {
+                for suffix in needs {
+                    let key = format!("{}.{suffix}", p.name);
+                    if !tensors.contains_key(&key) {
+                        return Err(bad(format!("`{key}` is missing")));
+                    }
+                }
+            }
+        }
         for (p, st) in params.iter().zip(self.state.iter_mut()) {
             let get = |suffix: &str| -> Result<Vec<f32>> {
                 match tensors.get(&format!("{}.{suffix}", p.name)) {
@@ -170,16 +199,35 @@ impl Optimizer {
     }
 }
 
+/// Per-step constants of AdamW, each rounded to f32 from f64 as PyTorch does.
+struct AdamConsts {
+    decay: f32,
+    b2: f32,
+    one_minus_b1: f32,
+    one_minus_b2: f32,
+    eps: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
 /// The AdamW update of one parameter, written over zipped slices so that it vectorizes.
 #[inline(never)]
-fn adamw_kernel(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: [f32; 6]) {
-    let [decay, b1, b2, eps, step_size, bc2_sqrt] = c;
+fn adamw_kernel(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConsts) {
+    let AdamConsts {
+        decay,
+        b2,
+        one_minus_b1,
+        one_minus_b2,
+        eps,
+        step_size,
+        bc2_sqrt,
+    } = *c;
     let n = w.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
     for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *w *= decay;
-        *m += (g - *m) * (1.0 - b1);
-        *v = *v * b2 + (1.0 - b2) * g * g;
+        *m += (g - *m) * one_minus_b1;
+        *v = *v * b2 + one_minus_b2 * g * g;
         let denom = v.sqrt() / bc2_sqrt + eps;
         *w -= step_size * (*m / denom);
     }

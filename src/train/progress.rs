@@ -6,9 +6,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::io::append_line;
 use crate::train::callback::{Callback, Control, EpochEnd, FitStart, StepEnd};
-use crate::train::run_dir::{RunDir, METRICS_JSONL};
+use crate::train::run_dir::RunDir;
 use crate::Result;
 
 /// How much to print.
@@ -156,7 +155,7 @@ impl Callback for Progress {
     }
 }
 
-/// Appends one JSON line per epoch to `metrics.jsonl` and keeps `metrics.csv` in step.
+/// Adds one row per epoch to `metrics.jsonl` and `metrics.csv`.
 pub struct MetricsLogger {
     run: RunDir,
 }
@@ -169,10 +168,7 @@ impl MetricsLogger {
 
 impl Callback for MetricsLogger {
     fn on_epoch_end(&mut self, e: &EpochEnd) -> Result<Control> {
-        let line = serde_json::to_string(&e.metrics).expect("metrics serialize");
-        append_line(&self.run.path.join(METRICS_JSONL), &line)?;
-        let rows = self.run.metrics()?;
-        self.run.write_metrics_csv(&rows)?;
+        self.run.append_metrics(&e.metrics)?;
         Ok(Control::Continue)
     }
 }

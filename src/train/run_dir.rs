@@ -61,26 +61,39 @@ impl RunDir {
                         p.display()
                     )));
                 }
+                fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
                 p.to_path_buf()
             }
             None => {
+                let out = &cfg.run.output_dir;
+                fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
                 let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
-                let base = cfg.run.output_dir.join(format!("{}-{stamp}", cfg.run.name));
-                let mut p = base.clone();
-                let mut i = 1;
-                while p.exists() {
-                    p = PathBuf::from(format!("{}-{i}", base.display()));
-                    i += 1;
+                let base = format!("{}-{stamp}", cfg.run.name);
+                // `create_dir` fails if the directory exists, so two runs started in the same
+                // second never share one.
+                let mut i = 0;
+                loop {
+                    let name = if i == 0 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{i}")
+                    };
+                    let p = out.join(name);
+                    match fs::create_dir(&p) {
+                        Ok(()) => break p,
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => i += 1,
+                        Err(e) => return Err(Error::io(&p, e)),
+                    }
                 }
-                p
             }
         };
-        fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::io::sync_dir(parent)?;
+        }
         let header = format!(
-            "# Resolved by wick {} (config hash {}). `wick train --resume {}` continues this run.\n",
+            "# Resolved by wick {} (config hash {}). `wick train --resume <this directory>` continues the run.\n",
             crate::VERSION,
             cfg.hash(),
-            path.display()
         );
         write_atomic(
             &path.join(CONFIG_FILE),
@@ -104,10 +117,35 @@ impl RunDir {
         })
     }
 
+    /// The run's resolved config, validated again (it may have been edited by hand).
     pub fn config(&self) -> Result<Config> {
+        crate::config::load(&self.path.join(CONFIG_FILE), &[])
+    }
+
+    /// xxh3 of `config.toml` as written: a resumed run must find it unchanged.
+    pub fn config_file_hash(&self) -> Result<String> {
         let p = self.path.join(CONFIG_FILE);
-        let text = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        crate::config::load_str(&text, &p.display().to_string(), &[])
+        let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        Ok(crate::data::shard::checksum(&bytes))
+    }
+
+    /// Takes the run's lock: one process at a time trains in a run directory. The lock is
+    /// held until the returned file is dropped (or the process dies).
+    pub fn lock(&self) -> Result<fs::File> {
+        let p = self.path.join(".lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        f.try_lock().map_err(|_| {
+            Error::Checkpoint(format!(
+                "{}: another wick process is training in this run directory; wait for it to finish or stop it",
+                self.path.display()
+            ))
+        })?;
+        Ok(f)
     }
 
     pub fn schema(&self) -> Result<Schema> {
@@ -145,10 +183,31 @@ impl RunDir {
             .enumerate()
             .map(|(i, l)| {
                 serde_json::from_str(l).map_err(|e| {
-                    Error::Checkpoint(format!("{}:{}: invalid JSON: {e}", p.display(), i + 1))
+                    Error::Checkpoint(format!(
+                        "{}:{}: invalid JSON ({e}); delete the line to continue",
+                        p.display(),
+                        i + 1
+                    ))
                 })
             })
             .collect()
+    }
+
+    /// Appends one metrics row, rewriting `metrics.jsonl` and `metrics.csv` atomically (the files
+    /// are small), so a crash never leaves a torn line.
+    pub fn append_metrics(&self, row: &Metrics) -> Result<()> {
+        let mut rows = self.metrics()?;
+        rows.push(row.clone());
+        self.write_metrics(&rows)
+    }
+
+    fn write_metrics(&self, rows: &[Metrics]) -> Result<()> {
+        let text: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).expect("metrics serialize") + "\n")
+            .collect();
+        write_atomic(&self.path.join(METRICS_JSONL), text.as_bytes())?;
+        self.write_metrics_csv(rows)
     }
 
     /// Keeps only the metric rows of the first `epochs` epochs (used when resuming, so that
@@ -159,12 +218,7 @@ impl RunDir {
             .into_iter()
             .filter(|m| m.get("epoch").copied().unwrap_or(0.0) <= epochs as f64)
             .collect();
-        let text: String = rows
-            .iter()
-            .map(|r| serde_json::to_string(r).expect("metrics serialize") + "\n")
-            .collect();
-        write_atomic(&self.path.join(METRICS_JSONL), text.as_bytes())?;
-        self.write_metrics_csv(&rows)
+        self.write_metrics(&rows)
     }
 
     /// Rewrites `metrics.csv` from metric rows (columns: the union of keys, `epoch` first).

@@ -3,45 +3,183 @@
 use std::time::Instant;
 
 use crate::config::{Config, Task};
-use crate::data::{load_split, BatchPlan, Dataset, Schema};
-use crate::model::{self, Grads, Loss, Model, ModelCtx};
+use crate::data::loader::with_prefetch;
+use crate::data::{open_sources, BatchPlan, Schema, Source};
+use crate::model::{self, Grads, Loss, Model, ModelCtx, Param};
 use crate::train::callback::{Callback, Control, EpochEnd, FitStart, StepEnd};
 use crate::train::checkpoint::{self, Best, TrainerState};
 use crate::train::metrics::{self, higher_is_better, Metrics};
 use crate::train::optim::{clip_grad_norm, Optimizer};
+use crate::train::plot;
 use crate::train::run_dir::{RunDir, Summary, CURVES_PNG};
 use crate::train::schedule::Schedule;
 use crate::{Error, Result};
 
 /// Rows per forward pass during evaluation and prediction.
 const EVAL_BATCH: usize = 1024;
+/// Batches the loader keeps ready ahead of the training step.
+const PREFETCH: usize = 4;
 
 /// Drives a [`Model`] over a dataset: shuffled mini-batches, gradient accumulation, clipping,
 /// optimizer and schedule, periodic evaluation, early stopping, checkpoints and hooks.
 pub struct Trainer {
     pub cfg: Config,
     pub model: Box<dyn Model>,
-    pub train: Dataset,
-    pub eval: Dataset,
+    pub train: Box<dyn Source>,
+    pub eval: Box<dyn Source>,
     pub schema: Schema,
     callbacks: Vec<Box<dyn Callback>>,
+}
+
+/// How an epoch's step loop ended.
+enum EpochEnding {
+    /// All batches done.
+    Completed,
+    /// A hook asked to stop gracefully.
+    Stopped,
+}
+
+fn emit_step(cbs: &mut [Box<dyn Callback>], s: &StepEnd) -> Result<Control> {
+    let mut ctl = Control::Continue;
+    for cb in cbs.iter_mut() {
+        match cb.on_step_end(s)? {
+            Control::Continue => {}
+            Control::Abort => return Ok(Control::Abort),
+            Control::Stop => ctl = Control::Stop,
+        }
+    }
+    Ok(ctl)
+}
+
+fn emit_epoch(cbs: &mut [Box<dyn Callback>], e: &EpochEnd) -> Result<Control> {
+    let mut ctl = Control::Continue;
+    for cb in cbs.iter_mut() {
+        match cb.on_epoch_end(e)? {
+            Control::Continue => {}
+            Control::Abort => return Ok(Control::Abort),
+            Control::Stop => ctl = Control::Stop,
+        }
+    }
+    Ok(ctl)
+}
+
+/// Everything one run of the step loop needs besides the data.
+struct StepCtx<'a> {
+    model: &'a dyn Model,
+    callbacks: &'a mut Vec<Box<dyn Callback>>,
+    params: &'a [Param],
+    grads: &'a mut Grads,
+    opt: &'a mut Optimizer,
+    sched: &'a Schedule,
+    st: &'a mut TrainerState,
+    run: &'a RunDir,
+    cfg: &'a Config,
+    loss: Loss,
+}
+
+impl StepCtx<'_> {
+    /// Trains on batches `st.batch..nb` of `epoch`, as they arrive.
+    fn run_epoch(
+        &mut self,
+        epoch: usize,
+        nb: usize,
+        batches: &mut dyn Iterator<Item = (usize, Result<crate::data::Batch>)>,
+    ) -> Result<EpochEnding> {
+        let t = &self.cfg.train;
+        let seed = self.cfg.run.seed;
+        let store = self.model.store().clone();
+        let mut step_loss = 0f64;
+        let mut clock = Instant::now();
+        for (b, batch) in batches {
+            let batch = batch?;
+            let group_start = (b / t.accumulate) * t.accumulate;
+            let group_len = t.accumulate.min(nb - group_start);
+            let mut ctx = ModelCtx::train(seed, ((epoch as u64) << 32) | b as u64);
+            let loss = self.model.loss_and_grad(
+                &batch,
+                self.loss,
+                &mut ctx,
+                self.params,
+                self.grads,
+                1.0 / group_len as f32,
+            )?;
+            let st = &mut *self.st;
+            if !loss.is_finite() {
+                return Err(Error::Train(format!(
+                    "the loss became {loss} at epoch {} step {}; lower optim.lr or set train.clip_norm",
+                    epoch + 1,
+                    st.step + 1
+                )));
+            }
+            st.epoch_loss_sum += loss;
+            st.epoch_batches += 1;
+            st.samples += batch.n as u64;
+            step_loss += loss / group_len as f64;
+            if b + 1 < group_start + group_len {
+                continue;
+            }
+            for cb in self.callbacks.iter_mut() {
+                cb.on_after_backward(self.grads)?;
+            }
+            if t.clip_norm > 0.0 {
+                clip_grad_norm(self.grads, t.clip_norm);
+            }
+            let lr = self.sched.lr(st.step);
+            self.opt.step(self.params, self.grads, lr)?;
+            self.grads.zero();
+            st.step += 1;
+            st.batch = b + 1;
+            st.train_time_s += clock.elapsed().as_secs_f64();
+            let info = StepEnd {
+                epoch,
+                step: st.step,
+                loss: step_loss,
+                lr,
+                samples: st.samples,
+                samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
+            };
+            step_loss = 0.0;
+            let ctl = emit_step(self.callbacks, &info)?;
+            if ctl == Control::Abort {
+                return Err(Error::Train(format!(
+                    "aborted after step {} as requested; `wick train --resume {}` continues",
+                    st.step,
+                    self.run.path.display()
+                )));
+            }
+            if t.checkpoint_every > 0 && st.step % t.checkpoint_every as u64 == 0 {
+                checkpoint::save(
+                    &self.run.checkpoint("last"),
+                    &store,
+                    self.params,
+                    self.opt,
+                    st,
+                )?;
+            }
+            clock = Instant::now();
+            if ctl == Control::Stop {
+                return Ok(EpochEnding::Stopped);
+            }
+        }
+        Ok(EpochEnding::Completed)
+    }
 }
 
 impl Trainer {
     /// Loads the data and builds the model described by `cfg`.
     pub fn from_config(cfg: &Config) -> Result<Self> {
-        let (train, eval, schema) = load_split(&cfg.data, cfg.run.seed)?;
+        let (train, eval, schema) = open_sources(&cfg.data, cfg.run.seed)?;
         let device = candle_core::Device::Cpu;
         let model = model::build(&cfg.model, &schema, cfg.run.seed, &device)?;
         Ok(Self::new(cfg.clone(), model, train, eval, schema))
     }
 
-    /// A trainer for any model (see [`Model`]).
+    /// A trainer for any model (see [`Model`]) and data sources.
     pub fn new(
         cfg: Config,
         model: Box<dyn Model>,
-        train: Dataset,
-        eval: Dataset,
+        train: Box<dyn Source>,
+        eval: Box<dyn Source>,
         schema: Schema,
     ) -> Self {
         Self {
@@ -72,33 +210,18 @@ impl Trainer {
     }
 
     /// Metrics of the model on `ds`, without prefix (`loss`, `accuracy`, `f1` / `mse`, `mae`).
-    pub fn evaluate(&self, ds: &Dataset) -> Result<Metrics> {
+    pub fn evaluate(&self, ds: &dyn Source) -> Result<Metrics> {
         let out = predict(self.model.as_ref(), ds)?;
-        Ok(metrics::evaluate(&out, self.schema.outputs(), &ds.y))
-    }
-
-    fn emit_step(&mut self, s: &StepEnd) -> Result<Control> {
-        let mut ctl = Control::Continue;
-        for cb in self.callbacks.iter_mut() {
-            match cb.on_step_end(s)? {
-                Control::Continue => {}
-                Control::Abort => return Ok(Control::Abort),
-                Control::Stop => ctl = Control::Stop,
-            }
+        if let Some(v) = out.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Train(format!(
+                "the model produced {v} on the evaluation data: training diverged or an input is extreme; lower optim.lr, set train.clip_norm or check the data"
+            )));
         }
-        Ok(ctl)
-    }
-
-    fn emit_epoch(&mut self, e: &EpochEnd) -> Result<Control> {
-        let mut ctl = Control::Continue;
-        for cb in self.callbacks.iter_mut() {
-            match cb.on_epoch_end(e)? {
-                Control::Continue => {}
-                Control::Abort => return Ok(Control::Abort),
-                Control::Stop => ctl = Control::Stop,
-            }
-        }
-        Ok(ctl)
+        Ok(metrics::evaluate(
+            &out,
+            self.schema.outputs(),
+            &ds.targets()?,
+        ))
     }
 
     /// Trains into `run`. With `resume`, continues from `run`'s `last` checkpoint and ends
@@ -116,7 +239,7 @@ impl Trainer {
         let mut grads = Grads::zeros(&params);
         let mut opt = Optimizer::new(&cfg.optim, &params);
         let loss_kind = Loss::for_task(self.schema.task);
-        let n = self.train.n;
+        let n = self.train.len();
         let batches = BatchPlan::shuffled(n, t.batch_size, t.drop_last, seed, 0).len();
         if batches == 0 {
             return Err(Error::Config(format!(
@@ -128,22 +251,42 @@ impl Trainer {
         let total_steps = steps_per_epoch * t.epochs as u64;
         let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps, steps_per_epoch);
         let monitor = self.monitor();
+        let valid = crate::config::monitor_names(self.schema.task);
+        if !valid.contains(&monitor.as_str()) {
+            return Err(Error::Config(format!(
+                "train.monitor = \"{monitor}\" is not reported for this {:?} task; use one of {}",
+                self.schema.task,
+                valid.join(", ")
+            )));
+        }
         let hash = cfg.hash();
+        let file_hash = run.config_file_hash()?;
 
-        let mut st = if resume {
+        let has_checkpoint = checkpoint::locate(&run.checkpoint("last")).is_ok();
+        let mut st = if resume && has_checkpoint {
             let st = checkpoint::load(&run.checkpoint("last"), &store, &params, &mut opt)?;
-            if st.config_hash != hash {
+            if st.config_file != file_hash {
                 return Err(Error::Checkpoint(format!(
-                    "{}: the checkpoint was written by config {} but the run's config.toml is now {}; restore the config or start a new run",
+                    "{}: config.toml changed since the checkpoint was written; restore it or start a new run",
                     run.path.display(),
-                    st.config_hash,
-                    hash
+                )));
+            }
+            if st.step != opt.steps() {
+                return Err(Error::Checkpoint(format!(
+                    "{}: trainer.json is at step {} but the optimizer state at step {}; the checkpoint is corrupt",
+                    run.path.display(),
+                    st.step,
+                    opt.steps()
                 )));
             }
             run.truncate_metrics(st.epoch)?;
             st
         } else {
-            TrainerState::new(&hash, seed)
+            // A fresh run, or one that died before its first checkpoint: start at step 0.
+            if resume {
+                run.truncate_metrics(0)?;
+            }
+            TrainerState::new(&hash, &file_hash, seed)
         };
 
         let start = FitStart {
@@ -152,7 +295,7 @@ impl Trainer {
             total_steps,
             start_step: st.step,
             train_samples: n,
-            eval_samples: self.eval.n,
+            eval_samples: self.eval.len(),
             num_params: store.num_params(),
         };
         for cb in self.callbacks.iter_mut() {
@@ -166,75 +309,28 @@ impl Trainer {
             let epoch = st.epoch;
             let plan = BatchPlan::shuffled(n, t.batch_size, t.drop_last, seed, epoch as u64);
             let nb = plan.len();
-            let mut step_loss = 0f64;
-            let mut clock = Instant::now();
-            for b in st.batch..nb {
-                let group_start = (b / t.accumulate) * t.accumulate;
-                let group_len = t.accumulate.min(nb - group_start);
-                let batch = plan.batch(&self.train, b, &device)?;
-                let mut ctx = ModelCtx::train(seed, ((epoch as u64) << 32) | b as u64);
-                let loss = self.model.loss_and_grad(
-                    &batch,
-                    loss_kind,
-                    &mut ctx,
-                    &params,
-                    &mut grads,
-                    1.0 / group_len as f32,
-                )?;
-                if !loss.is_finite() {
-                    return Err(Error::Train(format!(
-                        "the loss became {loss} at epoch {} step {}; lower optim.lr or set train.clip_norm",
-                        epoch + 1,
-                        st.step + 1
-                    )));
-                }
-                st.epoch_loss_sum += loss;
-                st.epoch_batches += 1;
-                st.samples += batch.n as u64;
-                step_loss += loss / group_len as f64;
-                if b + 1 < group_start + group_len {
-                    continue;
-                }
-                for cb in self.callbacks.iter_mut() {
-                    cb.on_after_backward(&mut grads)?;
-                }
-                if t.clip_norm > 0.0 {
-                    clip_grad_norm(&mut grads, t.clip_norm);
-                }
-                let lr = sched.lr(st.step);
-                opt.step(&params, &grads, lr)?;
-                grads.zero();
-                st.step += 1;
-                st.batch = b + 1;
-                st.train_time_s += clock.elapsed().as_secs_f64();
-                clock = Instant::now();
-                let info = StepEnd {
-                    epoch,
-                    step: st.step,
-                    loss: step_loss,
-                    lr,
-                    samples: st.samples,
-                    samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
-                };
-                step_loss = 0.0;
-                let ctl = self.emit_step(&info)?;
-                if ctl == Control::Abort {
-                    return Err(Error::Train(format!(
-                        "aborted after step {} as requested; `wick train --resume {}` continues",
-                        st.step,
-                        run.path.display()
-                    )));
-                }
-                if t.checkpoint_every > 0 && st.step % t.checkpoint_every as u64 == 0 {
-                    checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
-                    clock = Instant::now();
-                }
-                if ctl == Control::Stop {
-                    stop = true;
-                    break;
-                }
-            }
-            if stop {
+            let mut sc = StepCtx {
+                model: self.model.as_ref(),
+                callbacks: &mut self.callbacks,
+                params: &params,
+                grads: &mut grads,
+                opt: &mut opt,
+                sched: &sched,
+                st: &mut st,
+                run,
+                cfg: &cfg,
+                loss: loss_kind,
+            };
+            let first = sc.st.batch;
+            let ending = with_prefetch(
+                self.train.as_ref(),
+                &plan,
+                first..nb,
+                &device,
+                if self.train.prefetch() { PREFETCH } else { 0 },
+                |batches| sc.run_epoch(epoch, nb, batches),
+            )?;
+            if let EpochEnding::Stopped = ending {
                 checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
                 break;
             }
@@ -250,7 +346,7 @@ impl Trainer {
             );
             let evaluated = (epoch + 1) % t.eval_every == 0 || epoch + 1 == t.epochs;
             if evaluated {
-                for (k, v) in self.evaluate(&self.eval)? {
+                for (k, v) in self.evaluate(self.eval.as_ref())? {
                     m.insert(format!("eval_{k}"), v);
                 }
             }
@@ -271,7 +367,7 @@ impl Trainer {
                         .as_ref()
                         .is_none_or(|b| better(v, b.value, es.min_delta));
                     st.bad_evals = if improved { 0 } else { st.bad_evals + 1 };
-                    if st.bad_evals >= es.patience.max(1) {
+                    if st.bad_evals >= es.patience {
                         st.stopped_early = true;
                     }
                 }
@@ -295,7 +391,7 @@ impl Trainer {
                 evaluated,
                 is_best,
             };
-            let ctl = self.emit_epoch(&e)?;
+            let ctl = emit_epoch(&mut self.callbacks, &e)?;
             if ctl == Control::Abort {
                 return Err(Error::Train(format!(
                     "aborted after epoch {} as requested",
@@ -350,12 +446,10 @@ impl Trainer {
     }
 }
 
-use crate::train::plot;
-
-/// Model outputs (`n × outputs`, row-major) for every row of `ds`, in evaluation mode.
-pub fn predict(model: &dyn Model, ds: &Dataset) -> Result<Vec<f32>> {
+/// Model outputs (`n × outputs`, row-major) for every sample of `ds`, in evaluation mode.
+pub fn predict(model: &dyn Model, ds: &dyn Source) -> Result<Vec<f32>> {
     let device = model.store().device().clone();
-    let plan = BatchPlan::sequential(ds.n, EVAL_BATCH);
+    let plan = BatchPlan::sequential(ds.len(), EVAL_BATCH);
     let mut out = Vec::new();
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;

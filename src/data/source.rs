@@ -1,0 +1,254 @@
+//! [`Source`]: what the trainer reads batches from — an in-memory table or memory-mapped
+//! shards — and the shard-backed source with parallel preprocessing.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::shard::{Dtype, Stats};
+use super::shardset::ShardSet;
+use super::{Batch, Dataset, Targets};
+use crate::{Error, Result};
+
+/// Random-access samples that collate into batches.
+pub trait Source: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Collates the samples `idx` (in that order) into a batch on `device`.
+    fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch>;
+
+    /// Targets of every sample, in index order (for evaluation metrics).
+    fn targets(&self) -> Result<Targets>;
+
+    /// Whether collating is costly enough to run on a background thread ahead of the step
+    /// (for an in-memory table the hand-off costs more than it saves).
+    fn prefetch(&self) -> bool {
+        true
+    }
+}
+
+impl Source for Dataset {
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {
+        super::loader::gather(self, idx, device)
+    }
+
+    fn targets(&self) -> Result<Targets> {
+        Ok(self.y.clone())
+    }
+
+    fn prefetch(&self) -> bool {
+        false
+    }
+}
+
+/// A subset of another source (a seeded train/eval split of one shard directory).
+pub struct Subset {
+    pub inner: Arc<dyn Source>,
+    pub idx: Vec<u32>,
+}
+
+impl Source for Subset {
+    fn len(&self) -> usize {
+        self.idx.len()
+    }
+
+    fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {
+        let mapped: Vec<u32> = idx.iter().map(|&i| self.idx[i as usize]).collect();
+        self.inner.gather(&mapped, device)
+    }
+
+    fn targets(&self) -> Result<Targets> {
+        Ok(match self.inner.targets()? {
+            Targets::Classes(c) => {
+                Targets::Classes(self.idx.iter().map(|&i| c[i as usize]).collect())
+            }
+            Targets::Values(v) => {
+                Targets::Values(self.idx.iter().map(|&i| v[i as usize]).collect())
+            }
+        })
+    }
+
+    fn prefetch(&self) -> bool {
+        self.inner.prefetch()
+    }
+}
+
+/// Rows below which a batch is collated on the calling thread (spawning costs more).
+const PARALLEL_MIN_ELEMS: usize = 1 << 14;
+
+/// Samples of a shard directory: an input field flattened to f32 features, normalized as
+/// `(x - mean) / std`, and a label field.
+pub struct ShardSource {
+    pub set: ShardSet,
+    x: usize,
+    y: usize,
+    dim: usize,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    classification: bool,
+}
+
+impl ShardSource {
+    /// `input`: the field fed to the model (fixed shape, any dtype); `label`: a scalar field.
+    /// With `norm`, features are standardized by these statistics (one value, or one per
+    /// feature).
+    pub fn new(set: ShardSet, input: &str, label: &str, norm: Option<&Stats>) -> Result<Self> {
+        let dir = set.dir.display().to_string();
+        let find = |name: &str, what: &str| {
+            set.field_index(name).ok_or_else(|| {
+                let names: Vec<&str> = set
+                    .manifest
+                    .fields
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect();
+                Error::Data(format!(
+                    "{dir}: no field `{name}` ({what}); the fields are {}",
+                    names.join(", ")
+                ))
+            })
+        };
+        let x = find(input, "data.input")?;
+        let y = find(label, "data.label")?;
+        let xf = &set.manifest.fields[x];
+        let dim = xf.numel().ok_or_else(|| {
+            Error::Data(format!(
+                "{dir}: field `{input}` has variable length; an MLP needs a fixed-shape input"
+            ))
+        })?;
+        let yf = &set.manifest.fields[y];
+        if yf.numel() != Some(1) {
+            return Err(Error::Data(format!(
+                "{dir}: label field `{label}` must hold one value per sample"
+            )));
+        }
+        let (mean, inv_std) = match norm {
+            Some(s) if s.mean.len() == 1 || s.mean.len() == dim => (
+                s.mean.iter().map(|&m| m as f32).collect(),
+                s.std
+                    .iter()
+                    .map(|&v| if v < 1e-6 { 1.0 } else { (1.0 / v) as f32 })
+                    .collect(),
+            ),
+            Some(s) => {
+                return Err(Error::Data(format!(
+                    "{dir}: statistics of `{input}` have {} values for {dim} features",
+                    s.mean.len()
+                )))
+            }
+            None => (vec![0.0], vec![1.0]),
+        };
+        let classification = yf.dtype != Dtype::F32;
+        Ok(Self {
+            set,
+            x,
+            y,
+            dim,
+            mean,
+            inv_std,
+            classification,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn row(&self, i: usize, out: &mut [f32]) {
+        let b = self.set.bytes(self.x, i);
+        let dtype = self.set.manifest.fields[self.x].dtype;
+        let (m, s) = (&self.mean, &self.inv_std);
+        let norm = |j: usize, v: f32| {
+            if m.len() == 1 {
+                (v - m[0]) * s[0]
+            } else {
+                (v - m[j]) * s[j]
+            }
+        };
+        match dtype {
+            Dtype::U8 => {
+                for (j, (o, &v)) in out.iter_mut().zip(b).enumerate() {
+                    *o = norm(j, v as f32);
+                }
+            }
+            Dtype::F32 => {
+                for (j, (o, c)) in out.iter_mut().zip(b.chunks_exact(4)).enumerate() {
+                    *o = norm(j, f32::from_le_bytes(c.try_into().unwrap()));
+                }
+            }
+            Dtype::U32 => {
+                for (j, (o, c)) in out.iter_mut().zip(b.chunks_exact(4)).enumerate() {
+                    *o = norm(j, u32::from_le_bytes(c.try_into().unwrap()) as f32);
+                }
+            }
+            Dtype::I64 => {
+                for (j, (o, c)) in out.iter_mut().zip(b.chunks_exact(8)).enumerate() {
+                    *o = norm(j, i64::from_le_bytes(c.try_into().unwrap()) as f32);
+                }
+            }
+        }
+    }
+}
+
+impl Source for ShardSource {
+    fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {
+        let n = idx.len();
+        let d = self.dim;
+        let mut x = vec![0f32; n * d];
+        // Each row is written into its own slot, so the batch is the same whatever the
+        // number of threads.
+        if n * d >= PARALLEL_MIN_ELEMS {
+            x.par_chunks_mut(d)
+                .zip(idx.par_iter())
+                .for_each(|(row, &i)| self.row(i as usize, row));
+        } else {
+            for (row, &i) in x.chunks_mut(d).zip(idx) {
+                self.row(i as usize, row);
+            }
+        }
+        let x = Tensor::from_vec(x, (n, d), device)?;
+        let y = if self.classification {
+            let y: Vec<u32> = idx
+                .iter()
+                .map(|&i| self.set.label(self.y, i as usize) as u32)
+                .collect();
+            Tensor::from_vec(y, n, device)?
+        } else {
+            let y: Vec<f32> = idx
+                .iter()
+                .map(|&i| {
+                    f32::from_le_bytes(self.set.bytes(self.y, i as usize)[..4].try_into().unwrap())
+                })
+                .collect();
+            Tensor::from_vec(y, (n, 1), device)?
+        };
+        Ok(Batch { x, y, n })
+    }
+
+    fn targets(&self) -> Result<Targets> {
+        let n = self.len();
+        Ok(if self.classification {
+            Targets::Classes((0..n).map(|i| self.set.label(self.y, i) as u32).collect())
+        } else {
+            Targets::Values(
+                (0..n)
+                    .map(|i| f32::from_le_bytes(self.set.bytes(self.y, i)[..4].try_into().unwrap()))
+                    .collect(),
+            )
+        })
+    }
+}
