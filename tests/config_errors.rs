@@ -233,10 +233,10 @@ fn resume_refuses_changed_data() {
         .output()
         .unwrap();
     assert!(o.status.success());
-    let text = std::fs::read_to_string(&csv)
+    let changed = std::fs::read_to_string(&csv)
         .unwrap()
         .replacen("5.1,3.5", "5.2,3.5", 1);
-    std::fs::write(&csv, text).unwrap();
+    std::fs::write(&csv, changed).unwrap();
     let o = wick()
         .args(["train", "--resume"])
         .arg(&run)

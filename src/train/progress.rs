@@ -92,7 +92,7 @@ impl Callback for Progress {
         }
         if let Some(bar) = &self.bar {
             bar.set_position(s.step);
-            if s.step % 10 == 0 {
+            if s.step.is_multiple_of(10) {
                 bar.set_message(format!(
                     "epoch {} loss {:.4} {} samples/s",
                     s.epoch + 1,
@@ -100,7 +100,7 @@ impl Callback for Progress {
                     fmt_rate(s.samples_per_s)
                 ));
             }
-        } else if s.step % self.log_every as u64 == 0 {
+        } else if s.step.is_multiple_of(self.log_every as u64) {
             eprintln!(
                 "epoch {}/{} step {}/{} loss {:.4} lr {:.3e} {} samples/s",
                 s.epoch + 1,

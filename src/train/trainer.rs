@@ -147,7 +147,7 @@ impl StepCtx<'_> {
                     self.run.path.display()
                 )));
             }
-            if t.checkpoint_every > 0 && st.step % t.checkpoint_every as u64 == 0 {
+            if t.checkpoint_every > 0 && st.step.is_multiple_of(t.checkpoint_every as u64) {
                 checkpoint::save(
                     &self.run.checkpoint("last"),
                     &store,
