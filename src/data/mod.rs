@@ -9,6 +9,7 @@ pub mod pack;
 pub mod shard;
 pub mod shardset;
 pub mod source;
+pub mod synthetic;
 pub mod table;
 
 pub use loader::{Batch, BatchPlan};

@@ -95,7 +95,20 @@ pub struct ShardSource {
     dim: usize,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    /// No normalization: mean 0 and scale 1.
+    identity: bool,
     classification: bool,
+}
+
+/// The bytes as f32 values, if they are 4-byte aligned (and the machine is little-endian, as
+/// the shards are).
+fn as_f32(b: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: any 4 bytes are a valid f32; `align_to` only yields the aligned middle part.
+    let (pre, mid, post) = unsafe { b.align_to::<f32>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
 impl ShardSource {
@@ -149,6 +162,7 @@ impl ShardSource {
             None => (vec![0.0], vec![1.0]),
         };
         let classification = yf.dtype != Dtype::F32;
+        let identity = mean.iter().all(|&m| m == 0.0) && inv_std.iter().all(|&s| s == 1.0);
         Ok(Self {
             set,
             x,
@@ -156,6 +170,7 @@ impl ShardSource {
             dim,
             mean,
             inv_std,
+            identity,
             classification,
         })
     }
@@ -168,6 +183,24 @@ impl ShardSource {
         let b = self.set.bytes(self.x, i);
         let dtype = self.set.manifest.fields[self.x].dtype;
         let (m, s) = (&self.mean, &self.inv_std);
+        if dtype == Dtype::F32 {
+            if let Some(v) = as_f32(b) {
+                // Aligned little-endian f32 in the map: a copy, or one fused pass.
+                match (m.len(), self.identity) {
+                    (_, true) => out.copy_from_slice(v),
+                    (1, false) => {
+                        let (m, s) = (m[0], s[0]);
+                        out.iter_mut().zip(v).for_each(|(o, &x)| *o = (x - m) * s);
+                    }
+                    _ => out
+                        .iter_mut()
+                        .zip(v)
+                        .zip(m.iter().zip(s))
+                        .for_each(|((o, &x), (&m, &s))| *o = (x - m) * s),
+                }
+                return;
+            }
+        }
         let norm = |j: usize, v: f32| {
             if m.len() == 1 {
                 (v - m[0]) * s[0]
@@ -208,18 +241,27 @@ impl Source for ShardSource {
     fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {
         let n = idx.len();
         let d = self.dim;
-        let mut x = vec![0f32; n * d];
+        let mut x: Vec<f32> = Vec::with_capacity(n * d);
         // Each row is written into its own slot, so the batch is the same whatever the
-        // number of threads.
-        if n * d >= PARALLEL_MIN_ELEMS {
-            x.par_chunks_mut(d)
-                .zip(idx.par_iter())
-                .for_each(|(row, &i)| self.row(i as usize, row));
-        } else {
-            for (row, &i) in x.chunks_mut(d).zip(idx) {
-                self.row(i as usize, row);
+        // number of threads. The buffer is not zeroed first: every element is written once.
+        {
+            let spare = &mut x.spare_capacity_mut()[..n * d];
+            // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; `row` writes every element
+            // of its slice and reads none before writing.
+            let out: &mut [f32] =
+                unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<f32>(), n * d) };
+            if n * d >= PARALLEL_MIN_ELEMS {
+                out.par_chunks_mut(d)
+                    .zip(idx.par_iter())
+                    .for_each(|(row, &i)| self.row(i as usize, row));
+            } else {
+                for (row, &i) in out.chunks_mut(d).zip(idx) {
+                    self.row(i as usize, row);
+                }
             }
         }
+        // SAFETY: all n × d elements were initialised above.
+        unsafe { x.set_len(n * d) };
         let x = Tensor::from_vec(x, (n, d), device)?;
         let y = if self.classification {
             let y: Vec<u32> = idx
