@@ -34,7 +34,10 @@ fn main() -> anyhow::Result<()> {
         // Generating is a separate process, so its buffers do not count in the measurement.
         let t0 = Instant::now();
         wick::data::synthetic::ensure(&dir, n, dim, 10, 64 << 20)?;
-        eprintln!("{gb} GB dataset ready in {:.1}s", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "{gb} GB dataset ready in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
         return Ok(());
     }
     let base = rss_anon_kib();
@@ -44,16 +47,23 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut peak = rss_anon_kib();
     let mut checksum = 0f64;
-    with_prefetch(&src, &plan, 0..plan.len(), &device, 4, |batches| -> anyhow::Result<()> {
-        for (i, b) in batches {
-            let b = b?;
-            checksum += b.x.get(0)?.get(0)?.to_scalar::<f32>()? as f64;
-            if i % 32 == 0 {
-                peak = peak.max(rss_anon_kib());
+    with_prefetch(
+        &src,
+        &plan,
+        0..plan.len(),
+        &device,
+        4,
+        |batches| -> anyhow::Result<()> {
+            for (i, b) in batches {
+                let b = b?;
+                checksum += b.x.get(0)?.get(0)?.to_scalar::<f32>()? as f64;
+                if i % 32 == 0 {
+                    peak = peak.max(rss_anon_kib());
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     peak = peak.max(rss_anon_kib());
     let secs = t0.elapsed().as_secs_f64();
     println!(

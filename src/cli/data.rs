@@ -57,6 +57,25 @@ pub enum PackFrom {
         #[arg(long, value_delimiter = ',')]
         class_names: Option<Vec<String>>,
     },
+    /// A folder with one subfolder per class holding .jpg/.jpeg/.png files.
+    Images {
+        root: PathBuf,
+        /// Decode and resize to HxW now (stored as u8 [H, W, C]) instead of storing the
+        /// encoded files.
+        #[arg(long, value_name = "HxW", value_parser = parse_hw)]
+        decode: Option<[usize; 2]>,
+        /// With --decode: store one grayscale channel instead of RGB.
+        #[arg(long)]
+        grayscale: bool,
+    },
+    /// Text with labels: a CSV with `text` and `label` columns, or JSON lines with those keys.
+    Text {
+        input: PathBuf,
+        #[arg(long, default_value = "text")]
+        text_key: String,
+        #[arg(long, default_value = "label")]
+        label_key: String,
+    },
     /// A CSV table with a header row: numeric and categorical columns plus a label column.
     Csv {
         input: PathBuf,
@@ -66,6 +85,23 @@ pub enum PackFrom {
         #[arg(long)]
         regression: bool,
     },
+}
+
+/// Parses `HxW`, e.g. `64x64`.
+fn parse_hw(s: &str) -> Result<[usize; 2], String> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("`{s}`: expected HxW, e.g. 64x64"))?;
+    let p = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| v > 0 && v <= 8192)
+    };
+    match (p(h), p(w)) {
+        (Some(h), Some(w)) => Ok([h, w]),
+        _ => Err(format!("`{s}`: expected HxW with sides from 1 to 8192")),
+    }
 }
 
 /// Parses `64MiB`, `512KiB`, `10MB`, `1GiB` or a plain byte count.
@@ -139,6 +175,29 @@ fn pack(p: PackArgs) -> anyhow::Result<()> {
             label,
             regression,
         } => pack_csv(&input, &label, regression, &out, p.shard_size, &progress)?,
+        PackFrom::Images {
+            root,
+            decode,
+            grayscale,
+        } => crate::data::image::pack_image_folder(
+            &root,
+            &out,
+            decode.map(|hw| (hw, if grayscale { 1 } else { 3 })),
+            p.shard_size,
+            &progress,
+        )?,
+        PackFrom::Text {
+            input,
+            text_key,
+            label_key,
+        } => crate::data::pack::pack_text(
+            &input,
+            &text_key,
+            &label_key,
+            &out,
+            p.shard_size,
+            &progress,
+        )?,
     };
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -98,6 +98,8 @@ pub struct DataConfig {
     pub standardize: bool,
     /// Shards: check every shard's checksum when opening the dataset.
     pub verify_checksums: bool,
+    /// Shards of encoded images: the decode/resize/crop/flip/normalize pipeline.
+    pub image: crate::data::image::ImageConfig,
 }
 
 impl DataConfig {
@@ -119,6 +121,7 @@ impl Default for DataConfig {
             drop: Vec::new(),
             standardize: true,
             verify_checksums: true,
+            image: Default::default(),
         }
     }
 }

@@ -26,6 +26,7 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
     if cfg.data.label.as_deref() == Some("") {
         return bad("data.label", "\"\"".into(), "the name of the label column");
     }
+    cfg.data.image.validate(origin)?;
     let tf = cfg.data.test_fraction;
     if cfg.data.test_path.is_none() && !(tf > 0.0 && tf < 1.0) {
         return bad(

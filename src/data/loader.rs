@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 
 use std::ops::Range;
 
+use super::source::Augment;
 use super::{Dataset, Source, Targets};
 use crate::rng::Rng;
 use crate::Result;
@@ -29,6 +30,8 @@ pub struct BatchPlan {
     order: Vec<u32>,
     batch_size: usize,
     drop_last: bool,
+    /// Training plans augment their batches, keyed by seed and epoch.
+    augment: Option<Augment>,
 }
 
 impl BatchPlan {
@@ -38,6 +41,7 @@ impl BatchPlan {
             order: Rng::keyed(seed, "shuffle", epoch).permutation(n),
             batch_size,
             drop_last,
+            augment: Some(Augment { seed, epoch }),
         }
     }
 
@@ -47,6 +51,7 @@ impl BatchPlan {
             order: (0..n as u32).collect(),
             batch_size,
             drop_last: false,
+            augment: None,
         }
     }
 
@@ -72,7 +77,7 @@ impl BatchPlan {
 
     /// Collates batch `i` of `src` on `device`.
     pub fn batch(&self, src: &dyn Source, i: usize, device: &Device) -> Result<Batch> {
-        src.gather(self.indices(i), device)
+        src.gather_augmented(self.indices(i), self.augment, device)
     }
 }
 

@@ -4,6 +4,7 @@
 //! names, classes, standardization statistics); [`loader`] turns a dataset into seeded,
 //! resumable mini-batches.
 
+pub mod image;
 pub mod loader;
 pub mod pack;
 pub mod shard;
@@ -14,7 +15,7 @@ pub mod table;
 
 pub use loader::{Batch, BatchPlan};
 pub use shardset::ShardSet;
-pub use source::{ShardSource, Source, Subset};
+pub use source::{Augment, ShardSource, Source, Subset};
 pub use table::{load_split, Dataset, Schema, Targets};
 
 use std::sync::Arc;
@@ -50,12 +51,17 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
         None => m
             .fields
             .iter()
-            .find(|f| f.name != label && f.shape.is_some())
+            .find(|f| f.name != label && (f.shape.is_some() || f.kind == "image"))
             .map(|f| f.name.clone())
             .ok_or_else(|| {
                 Error::Data(format!("{dir}: no fixed-shape input field; set data.input"))
             })?,
     };
+    if m.field(&input)
+        .is_some_and(|f| f.kind == "image" && f.shape.is_none())
+    {
+        return open_images(cfg, seed, set, &input, &label);
+    }
     let norm = if cfg.standardize {
         m.stats.get(&input)
     } else {
@@ -128,19 +134,7 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
             Ok((Box::new(train), Box::new(eval), schema))
         }
         None => {
-            let n = train.len();
-            let n_test = ((n as f64) * cfg.test_fraction).round() as usize;
-            if n_test == 0 || n_test == n {
-                return Err(Error::Data(format!(
-                    "{dir}: {n} samples cannot be split with data.test_fraction = {}",
-                    cfg.test_fraction
-                )));
-            }
-            let perm = Rng::keyed(seed, "split", 0).permutation(n);
-            let mut test = perm[..n_test].to_vec();
-            let mut tr = perm[n_test..].to_vec();
-            test.sort_unstable();
-            tr.sort_unstable();
+            let (tr, test) = split_indices(train.len(), cfg.test_fraction, seed, &cfg.path)?;
             let inner: Arc<dyn Source> = Arc::new(train);
             Ok((
                 Box::new(Subset {
@@ -152,4 +146,78 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
             ))
         }
     }
+}
+
+/// Sources over encoded images (`[data.image]` pipeline).
+fn open_images(
+    cfg: &DataConfig,
+    seed: u64,
+    set: ShardSet,
+    input: &str,
+    label: &str,
+) -> Result<Sources> {
+    let m = set.manifest.clone();
+    let train = image::ImageSource::new(set, input, label, cfg.image.clone())?;
+    let [c, h, w] = train.shape();
+    let schema = Schema {
+        features: vec![format!("{input}[{c}x{h}x{w}]")],
+        input_dim: train.dim(),
+        data_hash: table::fingerprint(&[
+            Some(&cfg.path.join(shard::MANIFEST)),
+            cfg.test_path
+                .as_ref()
+                .map(|p| p.join(shard::MANIFEST))
+                .as_ref(),
+        ])?,
+        label: label.to_string(),
+        task: Task::Classification,
+        classes: m.classes.clone(),
+        mean: cfg.image.mean.clone(),
+        std: cfg.image.std.clone(),
+    };
+    match &cfg.test_path {
+        Some(p) => {
+            let eval = image::ImageSource::new(
+                ShardSet::open(p, cfg.verify_checksums)?,
+                input,
+                label,
+                cfg.image.clone(),
+            )?;
+            Ok((Box::new(train), Box::new(eval), schema))
+        }
+        None => {
+            let (tr, test) = split_indices(train.len(), cfg.test_fraction, seed, &cfg.path)?;
+            let inner: Arc<dyn Source> = Arc::new(train);
+            Ok((
+                Box::new(Subset {
+                    inner: inner.clone(),
+                    idx: tr,
+                }),
+                Box::new(Subset { inner, idx: test }),
+                schema,
+            ))
+        }
+    }
+}
+
+/// A seeded train/eval split of `n` samples (sorted index lists).
+fn split_indices(
+    n: usize,
+    fraction: f64,
+    seed: u64,
+    path: &std::path::Path,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let n_test = ((n as f64) * fraction).round() as usize;
+    if n_test == 0 || n_test >= n {
+        return Err(Error::Data(format!(
+            "{}: {n} samples cannot be split with data.test_fraction = {fraction}; set data.test_path",
+            path.display()
+        )));
+    }
+    let perm = Rng::keyed(seed, "split", 0).permutation(n);
+    let mut test = perm[..n_test].to_vec();
+    let mut train = perm[n_test..].to_vec();
+    test.sort_unstable();
+    train.sort_unstable();
+    Ok((train, test))
 }

@@ -343,3 +343,132 @@ pub fn pack_csv(
     m.write(out)?;
     Ok(m)
 }
+
+/// Packs labelled text: a CSV with `text_key` and `label_key` columns, or JSON lines (`.jsonl`)
+/// with those keys. The text is stored raw (variable-length UTF-8 field `text`); tokenization
+/// happens at load time. Errors name the line: invalid UTF-8, empty text, a missing key.
+pub fn pack_text(
+    path: &Path,
+    text_key: &str,
+    label_key: &str,
+    out: &Path,
+    shard_bytes: u64,
+    progress: OnProgress,
+) -> Result<Manifest> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let err =
+        |line: usize, msg: String| Error::Data(format!("{}: line {line}: {msg}", path.display()));
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let jsonl = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == "jsonl" || e == "json");
+    if jsonl {
+        for (i, line) in raw.split(|&b| b == b'\n').enumerate() {
+            let line_no = i + 1;
+            let text = std::str::from_utf8(line).map_err(|e| {
+                err(
+                    line_no,
+                    format!(
+                        "invalid UTF-8 at byte {}; re-encode the file as UTF-8",
+                        e.valid_up_to()
+                    ),
+                )
+            })?;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| err(line_no, format!("invalid JSON: {e}")))?;
+            let t = v
+                .get(text_key)
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| err(line_no, format!("no string `{text_key}`")))?;
+            let l = match v.get(label_key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Number(n)) => n.to_string(),
+                Some(serde_json::Value::Bool(b)) => b.to_string(),
+                _ => {
+                    return Err(err(
+                        line_no,
+                        format!("no `{label_key}` (string, number or boolean)"),
+                    ))
+                }
+            };
+            rows.push((t.to_string(), l));
+        }
+    } else {
+        let mut rdr = csv::ReaderBuilder::new().from_reader(&raw[..]);
+        let header = rdr
+            .byte_headers()
+            .map_err(|e| err(1, format!("cannot read the header: {e}")))?
+            .clone();
+        let col = |k: &str| {
+            header
+                .iter()
+                .position(|h| h == k.as_bytes())
+                .ok_or_else(|| err(1, format!("no column `{k}`")))
+        };
+        let (tc, lc) = (col(text_key)?, col(label_key)?);
+        for rec in rdr.byte_records() {
+            let rec =
+                rec.map_err(|e| Error::Data(format!("{}: malformed CSV: {e}", path.display())))?;
+            let line_no = rec.position().map(|p| p.line() as usize).unwrap_or(0);
+            let field = |c: usize| {
+                std::str::from_utf8(&rec[c])
+                    .map(str::to_string)
+                    .map_err(|e| err(line_no, format!("invalid UTF-8 at byte {} of the field; re-encode the file as UTF-8", e.valid_up_to())))
+            };
+            rows.push((field(tc)?, field(lc)?));
+        }
+    }
+    if rows.is_empty() {
+        return Err(Error::Data(format!("{}: no rows", path.display())));
+    }
+    if let Some(i) = rows.iter().position(|(t, _)| t.trim().is_empty()) {
+        return Err(Error::Data(format!(
+            "{}: row {}: the text is empty",
+            path.display(),
+            i + 1
+        )));
+    }
+    let mut classes: Vec<String> = rows.iter().map(|(_, l)| l.clone()).collect();
+    classes.sort();
+    classes.dedup();
+    let index: std::collections::HashMap<&str, i64> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as i64))
+        .collect();
+    let fields = vec![
+        Field::variable("text", Dtype::U8, "text"),
+        Field::fixed("label", Dtype::I64, &[], "label"),
+    ];
+    let n = rows.len();
+    let ranges = plan_shards(rows.iter().map(|(t, _)| t.len() as u64 + 16), shard_bytes);
+    let done = AtomicUsize::new(0);
+    let shards = write_shards(
+        out,
+        &fields,
+        &ranges,
+        |r| {
+            let mut data = Vec::new();
+            let mut offsets = vec![0i64];
+            for (t, _) in &rows[r.clone()] {
+                data.extend_from_slice(t.as_bytes());
+                offsets.push(data.len() as i64);
+            }
+            let y: Vec<u8> = rows[r]
+                .iter()
+                .flat_map(|(_, l)| index[l.as_str()].to_le_bytes())
+                .collect();
+            Ok(vec![Column::Var { data, offsets }, Column::Fixed(y)])
+        },
+        |k| progress(done.fetch_add(k, Ordering::Relaxed) + k, n),
+    )?;
+    let mut m = Manifest::new(fields, shards, &format!("text: {}", path.display()));
+    m.label = Some("label".into());
+    m.classes = classes;
+    m.write(out)?;
+    Ok(m)
+}

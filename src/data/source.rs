@@ -11,6 +11,13 @@ use super::shardset::ShardSet;
 use super::{Batch, Dataset, Targets};
 use crate::{Error, Result};
 
+/// What keys the random augmentation of a training batch: the run seed and the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Augment {
+    pub seed: u64,
+    pub epoch: u64,
+}
+
 /// Random-access samples that collate into batches.
 pub trait Source: Send + Sync {
     /// Number of samples.
@@ -22,6 +29,18 @@ pub trait Source: Send + Sync {
 
     /// Collates the samples `idx` (in that order) into a batch on `device`.
     fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch>;
+
+    /// As [`Self::gather`], with random augmentation keyed by `aug` (training batches);
+    /// sources without augmentation ignore it.
+    fn gather_augmented(
+        &self,
+        idx: &[u32],
+        aug: Option<Augment>,
+        device: &Device,
+    ) -> Result<Batch> {
+        let _ = aug;
+        self.gather(idx, device)
+    }
 
     /// Targets of every sample, in index order (for evaluation metrics).
     fn targets(&self) -> Result<Targets>;
@@ -63,8 +82,17 @@ impl Source for Subset {
     }
 
     fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {
+        self.gather_augmented(idx, None, device)
+    }
+
+    fn gather_augmented(
+        &self,
+        idx: &[u32],
+        aug: Option<Augment>,
+        device: &Device,
+    ) -> Result<Batch> {
         let mapped: Vec<u32> = idx.iter().map(|&i| self.idx[i as usize]).collect();
-        self.inner.gather(&mapped, device)
+        self.inner.gather_augmented(&mapped, aug, device)
     }
 
     fn targets(&self) -> Result<Targets> {
