@@ -267,4 +267,21 @@ fn training_on_shards_resumes_exactly() {
     assert!(o.status.success(), "{}", text(&o).1);
     assert_eq!(sha256(&weights(&full)), sha256(&weights(&cut)));
     assert!(final_metric(&full, "eval_accuracy") > 0.75);
+
+    // The shard-aware block shuffle trains as well and is reproducible across thread counts.
+    let args = |t: &'static str| {
+        [
+            "--threads",
+            t,
+            "--set",
+            "data.shuffle=\"block\"",
+            "--set",
+            "data.shuffle_window=2",
+        ]
+    };
+    let a = common::train(cfg, &tmp.path().join("block1"), &args("1"));
+    let b = common::train(cfg, &tmp.path().join("block2"), &args("2"));
+    assert_eq!(sha256(&weights(&a)), sha256(&weights(&b)));
+    assert_ne!(sha256(&weights(&a)), sha256(&weights(&full)));
+    assert!(final_metric(&a, "eval_accuracy") > 0.75);
 }

@@ -71,6 +71,14 @@ pub enum Task {
     Regression,
 }
 
+/// How the training set is shuffled each epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shuffle {
+    Global,
+    Block,
+}
+
 /// `[data]`: where the examples come from and how they are split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +106,10 @@ pub struct DataConfig {
     pub standardize: bool,
     /// Shards: check every shard's checksum when opening the dataset.
     pub verify_checksums: bool,
+    /// `"global"`: a full permutation per epoch. `"block"`: shuffle shard order, then samples
+    /// within windows of `shuffle_window` shards (for datasets far larger than memory).
+    pub shuffle: Shuffle,
+    pub shuffle_window: usize,
     /// Shards of encoded images: the decode/resize/crop/flip/normalize pipeline.
     pub image: crate::data::image::ImageConfig,
 }
@@ -121,6 +133,8 @@ impl Default for DataConfig {
             drop: Vec::new(),
             standardize: true,
             verify_checksums: true,
+            shuffle: Shuffle::Global,
+            shuffle_window: 4,
             image: Default::default(),
         }
     }

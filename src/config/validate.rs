@@ -27,6 +27,13 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
         return bad("data.label", "\"\"".into(), "the name of the label column");
     }
     cfg.data.image.validate(origin)?;
+    if cfg.data.shuffle_window == 0 {
+        return bad(
+            "data.shuffle_window",
+            "0".into(),
+            "1 or more shards per window",
+        );
+    }
     let tf = cfg.data.test_fraction;
     if cfg.data.test_path.is_none() && !(tf > 0.0 && tf < 1.0) {
         return bad(

@@ -205,6 +205,10 @@ impl Source for ImageSource {
         self.set.len()
     }
 
+    fn blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        Some(self.set.blocks())
+    }
+
     fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {
         self.gather_augmented(idx, None, device)
     }

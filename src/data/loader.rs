@@ -45,6 +45,63 @@ impl BatchPlan {
         }
     }
 
+    /// A shard-aware shuffle for datasets far larger than memory: the order of the blocks
+    /// (shards) is shuffled, then samples are shuffled within windows of `window` consecutive
+    /// blocks, so an epoch reads only `window` shards at a time.
+    pub fn block_shuffled(
+        blocks: &[Range<usize>],
+        window: usize,
+        batch_size: usize,
+        drop_last: bool,
+        seed: u64,
+        epoch: u64,
+    ) -> Self {
+        let mut rng = Rng::keyed(seed, "block-shuffle", epoch);
+        let mut order_of_blocks: Vec<usize> = (0..blocks.len()).collect();
+        rng.shuffle(&mut order_of_blocks);
+        let mut order = Vec::with_capacity(blocks.last().map(|b| b.end).unwrap_or(0));
+        for group in order_of_blocks.chunks(window.max(1)) {
+            let start = order.len();
+            for &b in group {
+                order.extend(blocks[b].clone().map(|i| i as u32));
+            }
+            rng.shuffle(&mut order[start..]);
+        }
+        Self {
+            order,
+            batch_size,
+            drop_last,
+            augment: Some(Augment { seed, epoch }),
+        }
+    }
+
+    /// This rank's part of a data-parallel plan: `self` is the global plan (batch size =
+    /// per-rank batch × `world`), and each global batch is cut into `world` equal contiguous
+    /// parts. A last batch whose size is not a multiple of `world` is padded with the epoch's
+    /// first samples (as PyTorch's `DistributedSampler` pads), so every rank takes the same
+    /// number of equal steps; every sample goes to exactly one rank, padding aside.
+    pub fn for_rank(&self, rank: usize, world: usize) -> Self {
+        assert!(world > 0 && rank < world, "rank {rank} of world {world}");
+        let mut order = Vec::with_capacity(self.order.len() / world + world);
+        let mut per_rank = 1;
+        for i in 0..self.len() {
+            let mut b = self.indices(i).to_vec();
+            let short = (world - b.len() % world) % world;
+            b.extend(self.order.iter().cycle().take(short));
+            let q = b.len() / world;
+            order.extend_from_slice(&b[rank * q..(rank + 1) * q]);
+            if i == 0 {
+                per_rank = q.max(1);
+            }
+        }
+        Self {
+            order,
+            batch_size: per_rank,
+            drop_last: false,
+            augment: self.augment,
+        }
+    }
+
     /// A plan that visits rows in order (evaluation).
     pub fn sequential(n: usize, batch_size: usize) -> Self {
         Self {
@@ -138,4 +195,52 @@ pub fn gather(ds: &Dataset, idx: &[u32], device: &Device) -> Result<Batch> {
         )?,
     };
     Ok(Batch { x, y, n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_split_every_global_batch() {
+        let global = BatchPlan::shuffled(103, 20, false, 3, 1);
+        let ranks: Vec<BatchPlan> = (0..4).map(|r| global.for_rank(r, 4)).collect();
+        for r in &ranks {
+            assert_eq!(r.len(), global.len());
+        }
+        let last = global.len() - 1;
+        for i in 0..last {
+            let joined: Vec<u32> = ranks.iter().flat_map(|r| r.indices(i).to_vec()).collect();
+            assert_eq!(joined, global.indices(i), "batch {i}");
+        }
+        // The short last batch (3 samples) is padded with the epoch's first sample.
+        let sizes: Vec<usize> = ranks.iter().map(|r| r.indices(last).len()).collect();
+        assert_eq!(sizes, [1, 1, 1, 1]);
+        let joined: Vec<u32> = ranks
+            .iter()
+            .flat_map(|r| r.indices(last).to_vec())
+            .collect();
+        assert_eq!(&joined[..3], global.indices(last));
+        assert_eq!(joined[3], global.indices(0)[0]);
+    }
+
+    #[test]
+    fn block_shuffle_visits_each_sample_once_window_by_window() {
+        let blocks: Vec<Range<usize>> = (0..10).map(|b| b * 50..(b + 1) * 50).collect();
+        let plan = BatchPlan::block_shuffled(&blocks, 2, 25, false, 9, 0);
+        let mut all: Vec<u32> = (0..plan.len())
+            .flat_map(|i| plan.indices(i).to_vec())
+            .collect();
+        // Each window of 100 consecutive positions draws from exactly two blocks.
+        for w in all.chunks(100) {
+            let mut bs: Vec<u32> = w.iter().map(|&i| i / 50).collect();
+            bs.sort();
+            bs.dedup();
+            assert_eq!(bs.len(), 2);
+        }
+        all.sort();
+        assert_eq!(all, (0..500).collect::<Vec<u32>>());
+        let other = BatchPlan::block_shuffled(&blocks, 2, 25, false, 9, 1);
+        assert_ne!(plan.indices(0), other.indices(0));
+    }
 }

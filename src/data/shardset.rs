@@ -96,6 +96,14 @@ impl ShardSet {
         self.len() == 0
     }
 
+    /// The global index range of each shard.
+    pub fn blocks(&self) -> Vec<Range<usize>> {
+        self.starts
+            .windows(2)
+            .map(|w| w[0] as usize..w[1] as usize)
+            .collect()
+    }
+
     /// Index of field `name`.
     pub fn field_index(&self, name: &str) -> Option<usize> {
         self.manifest.fields.iter().position(|f| f.name == name)

@@ -45,6 +45,12 @@ pub trait Source: Send + Sync {
     /// Targets of every sample, in index order (for evaluation metrics).
     fn targets(&self) -> Result<Targets>;
 
+    /// Contiguous index ranges that live together on disk (shards), for the block shuffle;
+    /// `None` when the source is in memory.
+    fn blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        None
+    }
+
     /// Whether collating is costly enough to run on a background thread ahead of the step
     /// (for an in-memory table the hand-off costs more than it saves).
     fn prefetch(&self) -> bool {
@@ -108,6 +114,20 @@ impl Source for Subset {
 
     fn prefetch(&self) -> bool {
         self.inner.prefetch()
+    }
+
+    fn blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        // `idx` is sorted, so each inner block maps to a contiguous run of subset positions.
+        let inner = self.inner.blocks()?;
+        let mut out = Vec::new();
+        for b in inner {
+            let lo = self.idx.partition_point(|&i| (i as usize) < b.start);
+            let hi = self.idx.partition_point(|&i| (i as usize) < b.end);
+            if hi > lo {
+                out.push(lo..hi);
+            }
+        }
+        Some(out)
     }
 }
 
@@ -264,6 +284,10 @@ impl ShardSource {
 impl Source for ShardSource {
     fn len(&self) -> usize {
         self.set.len()
+    }
+
+    fn blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        Some(self.set.blocks())
     }
 
     fn gather(&self, idx: &[u32], device: &Device) -> Result<Batch> {

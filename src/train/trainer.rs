@@ -197,6 +197,22 @@ impl Trainer {
         self.callbacks.push(Box::new(cb));
     }
 
+    /// The batches of training epoch `epoch`.
+    pub fn plan(&self, epoch: u64) -> BatchPlan {
+        let (t, d, seed) = (&self.cfg.train, &self.cfg.data, self.cfg.run.seed);
+        match (d.shuffle, self.train.blocks()) {
+            (crate::config::Shuffle::Block, Some(blocks)) => BatchPlan::block_shuffled(
+                &blocks,
+                d.shuffle_window,
+                t.batch_size,
+                t.drop_last,
+                seed,
+                epoch,
+            ),
+            _ => BatchPlan::shuffled(self.train.len(), t.batch_size, t.drop_last, seed, epoch),
+        }
+    }
+
     /// The metric that selects `best` and drives early stopping.
     pub fn monitor(&self) -> String {
         self.cfg
@@ -307,7 +323,7 @@ impl Trainer {
         let mut stop = st.stopped_early || st.epoch >= t.epochs;
         while !stop && st.epoch < t.epochs {
             let epoch = st.epoch;
-            let plan = BatchPlan::shuffled(n, t.batch_size, t.drop_last, seed, epoch as u64);
+            let plan = self.plan(epoch as u64);
             let nb = plan.len();
             let mut sc = StepCtx {
                 model: self.model.as_ref(),
