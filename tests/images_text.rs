@@ -216,3 +216,99 @@ fn text_packs_from_jsonl_and_csv_and_bad_rows_name_the_line() {
     let (_, err) = text(&o);
     assert!(err.contains("row 2: the text is empty"), "{err}");
 }
+
+#[test]
+fn text_batches_are_tokenized_padded_to_the_longest_and_truncated() {
+    use wick::data::text::{load_tokenizer, TextSource};
+    use wick::data::{ShardSet, Source};
+    let tok_path = root().join("checkpoints/pretrained/all-MiniLM-L6-v2/tokenizer.json");
+    if !require_asset(
+        tok_path.is_file(),
+        "all-MiniLM-L6-v2 tokenizer (scripts/fetch-minilm.sh)",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = tmp.path().join("t.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"text\": \"The cat sits outside\", \"label\": \"a\"}\n{\"text\": \"A man is eating food.\", \"label\": \"b\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("shards");
+    wick::data::pack::pack_text(&jsonl, "text", "label", &out, 1 << 20, &|_, _| ()).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let src = TextSource::new(
+        ShardSet::open(&out, true).unwrap(),
+        "text",
+        "label",
+        load_tokenizer(&tok_path, 128).unwrap(),
+    )
+    .unwrap();
+    let b = src.gather(&[0, 1], &dev).unwrap();
+    // The tokenizer file pads to a fixed 128; wick pads to the batch's longest (8 tokens).
+    assert_eq!(
+        b.x.to_vec2::<u32>().unwrap(),
+        [
+            vec![101, 1996, 4937, 7719, 2648, 102, 0, 0],
+            vec![101, 1037, 2158, 2003, 5983, 2833, 1012, 102]
+        ]
+    );
+    assert_eq!(
+        b.mask.unwrap().to_vec2::<u32>().unwrap()[0],
+        [1, 1, 1, 1, 1, 1, 0, 0]
+    );
+    assert_eq!(b.y.to_vec1::<u32>().unwrap(), [0, 1]);
+    // Alone, the first text is not padded at all.
+    assert_eq!(src.gather(&[0], &dev).unwrap().x.dims(), &[1, 6]);
+    // Truncation keeps [CLS] … [SEP] within max_len.
+    let short = TextSource::new(
+        ShardSet::open(&out, true).unwrap(),
+        "text",
+        "label",
+        load_tokenizer(&tok_path, 4).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        short
+            .gather(&[0], &dev)
+            .unwrap()
+            .x
+            .to_vec2::<u32>()
+            .unwrap(),
+        [vec![101, 1996, 4937, 102]]
+    );
+
+    // Training an MLP on text is refused with a clear message; a missing tokenizer too.
+    let cfg = tmp.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\npath = \"{}\"\ntest_fraction = 0.5\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = wick()
+        .arg("train")
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(tmp.path().join("r"))
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(err.contains("holds text; set data.tokenizer"), "{err}");
+    let o = wick()
+        .arg("train")
+        .arg(&cfg)
+        .args([
+            "--set",
+            &format!("data.tokenizer=\"{}\"", tok_path.display()),
+        ])
+        .arg("--run-dir")
+        .arg(tmp.path().join("r2"))
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(err.contains("an MLP needs feature vectors"), "{err}");
+}

@@ -110,6 +110,10 @@ pub struct DataConfig {
     /// within windows of `shuffle_window` shards (for datasets far larger than memory).
     pub shuffle: Shuffle,
     pub shuffle_window: usize,
+    /// Shards of text: the `tokenizer.json` that tokenizes it at load time.
+    pub tokenizer: Option<PathBuf>,
+    /// Text: truncate to this many tokens (batches are padded to their longest sequence).
+    pub max_len: usize,
     /// Shards of encoded images: the decode/resize/crop/flip/normalize pipeline.
     pub image: crate::data::image::ImageConfig,
 }
@@ -135,6 +139,8 @@ impl Default for DataConfig {
             verify_checksums: true,
             shuffle: Shuffle::Global,
             shuffle_window: 4,
+            tokenizer: None,
+            max_len: 128,
             image: Default::default(),
         }
     }

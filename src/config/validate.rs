@@ -27,6 +27,16 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
         return bad("data.label", "\"\"".into(), "the name of the label column");
     }
     cfg.data.image.validate(origin)?;
+    if let Some(p) = &cfg.data.tokenizer {
+        cfg.data.tokenizer = Some(resolve(origin, "data.tokenizer", p, base)?);
+    }
+    if cfg.data.max_len < 2 || cfg.data.max_len > 1 << 16 {
+        return bad(
+            "data.max_len",
+            cfg.data.max_len.to_string(),
+            "a token count from 2 to 65536, e.g. 128",
+        );
+    }
     if cfg.data.shuffle_window == 0 {
         return bad(
             "data.shuffle_window",

@@ -245,6 +245,7 @@ impl Source for ImageSource {
             x,
             y: Tensor::from_vec(y, n, device)?,
             n,
+            mask: None,
         })
     }
 

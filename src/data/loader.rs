@@ -16,12 +16,14 @@ use crate::Result;
 /// One collated mini-batch.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// Features, `[n, d]` f32.
+    /// Features `[n, d]` f32, or token ids `[n, L]` u32 for text.
     pub x: Tensor,
     /// Class indices `[n]` u32, or regression targets `[n, 1]` f32.
     pub y: Tensor,
     /// Number of rows.
     pub n: usize,
+    /// Token batches: the attention mask `[n, L]` (1 = token, 0 = padding).
+    pub mask: Option<Tensor>,
 }
 
 /// The batches of one epoch.
@@ -194,7 +196,12 @@ pub fn gather(ds: &Dataset, idx: &[u32], device: &Device) -> Result<Batch> {
             device,
         )?,
     };
-    Ok(Batch { x, y, n })
+    Ok(Batch {
+        x,
+        y,
+        n,
+        mask: None,
+    })
 }
 
 #[cfg(test)]

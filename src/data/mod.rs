@@ -12,6 +12,7 @@ pub mod shardset;
 pub mod source;
 pub mod synthetic;
 pub mod table;
+pub mod text;
 
 pub use loader::{Batch, BatchPlan};
 pub use shardset::ShardSet;
@@ -51,16 +52,23 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
         None => m
             .fields
             .iter()
-            .find(|f| f.name != label && (f.shape.is_some() || f.kind == "image"))
+            .find(|f| {
+                f.name != label && (f.shape.is_some() || f.kind == "image" || f.kind == "text")
+            })
             .map(|f| f.name.clone())
             .ok_or_else(|| {
-                Error::Data(format!("{dir}: no fixed-shape input field; set data.input"))
+                Error::Data(format!(
+                    "{dir}: no input field (fixed-shape, image or text); set data.input"
+                ))
             })?,
     };
     if m.field(&input)
         .is_some_and(|f| f.kind == "image" && f.shape.is_none())
     {
         return open_images(cfg, seed, set, &input, &label);
+    }
+    if m.field(&input).is_some_and(|f| f.kind == "text") {
+        return open_text(cfg, seed, set, &input, &label);
     }
     let norm = if cfg.standardize {
         m.stats.get(&input)
@@ -101,6 +109,7 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
         cfg.test_path.as_ref().map(|p| p.join(shard::MANIFEST)),
     ];
     let schema = Schema {
+        modality: "tabular".into(),
         data_hash: table::fingerprint(&[manifests[0].as_ref(), manifests[1].as_ref()])?,
         features: if m.feature_names.len() == dim {
             m.feature_names.clone()
@@ -162,6 +171,7 @@ fn open_images(
     let schema = Schema {
         features: vec![format!("{input}[{c}x{h}x{w}]")],
         input_dim: train.dim(),
+        modality: "image".into(),
         data_hash: table::fingerprint(&[
             Some(&cfg.path.join(shard::MANIFEST)),
             cfg.test_path
@@ -183,6 +193,62 @@ fn open_images(
                 label,
                 cfg.image.clone(),
             )?;
+            Ok((Box::new(train), Box::new(eval), schema))
+        }
+        None => {
+            let (tr, test) = split_indices(train.len(), cfg.test_fraction, seed, &cfg.path)?;
+            let inner: Arc<dyn Source> = Arc::new(train);
+            Ok((
+                Box::new(Subset {
+                    inner: inner.clone(),
+                    idx: tr,
+                }),
+                Box::new(Subset { inner, idx: test }),
+                schema,
+            ))
+        }
+    }
+}
+
+/// Sources over raw text, tokenized at load time with `data.tokenizer`.
+fn open_text(
+    cfg: &DataConfig,
+    seed: u64,
+    set: ShardSet,
+    input: &str,
+    label: &str,
+) -> Result<Sources> {
+    let path = cfg.tokenizer.as_ref().ok_or_else(|| {
+        Error::Config(format!(
+            "{} holds text; set data.tokenizer to a tokenizer.json (e.g. checkpoints/pretrained/all-MiniLM-L6-v2/tokenizer.json)",
+            cfg.path.display()
+        ))
+    })?;
+    let tok = text::load_tokenizer(path, cfg.max_len)?;
+    let m = set.manifest.clone();
+    let train = text::TextSource::new(set, input, label, tok.clone())?;
+    let schema = Schema {
+        features: vec![input.to_string()],
+        input_dim: cfg.max_len,
+        modality: "text".into(),
+        data_hash: table::fingerprint(&[
+            Some(&cfg.path.join(shard::MANIFEST)),
+            cfg.test_path
+                .as_ref()
+                .map(|p| p.join(shard::MANIFEST))
+                .as_ref(),
+            Some(path),
+        ])?,
+        label: label.to_string(),
+        task: Task::Classification,
+        classes: m.classes.clone(),
+        mean: Vec::new(),
+        std: Vec::new(),
+    };
+    match &cfg.test_path {
+        Some(p) => {
+            let eval =
+                text::TextSource::new(ShardSet::open(p, cfg.verify_checksums)?, input, label, tok)?;
             Ok((Box::new(train), Box::new(eval), schema))
         }
         None => {

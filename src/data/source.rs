@@ -330,7 +330,12 @@ impl Source for ShardSource {
                 .collect();
             Tensor::from_vec(y, (n, 1), device)?
         };
-        Ok(Batch { x, y, n })
+        Ok(Batch {
+            x,
+            y,
+            n,
+            mask: None,
+        })
     }
 
     fn targets(&self) -> Result<Targets> {

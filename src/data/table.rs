@@ -19,6 +19,9 @@ pub struct Schema {
     /// Number of model inputs (for CSV, the number of features).
     #[serde(default)]
     pub input_dim: usize,
+    /// What a sample is: `tabular` (a feature vector), `image` or `text` (token ids).
+    #[serde(default = "tabular")]
+    pub modality: String,
     /// Fingerprint (xxh3) of the data files the run was trained on; eval and resume refuse
     /// data that changed.
     #[serde(default)]
@@ -42,6 +45,10 @@ impl Schema {
             _ => 1,
         }
     }
+}
+
+fn tabular() -> String {
+    "tabular".into()
 }
 
 /// Targets of a dataset.
@@ -380,6 +387,7 @@ pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Sche
         features: raw.features.clone(),
         label: cfg.csv_label().to_string(),
         input_dim: d,
+        modality: tabular(),
         data_hash: fingerprint(&[Some(&cfg.path), cfg.test_path.as_ref()])?,
         task,
         classes,

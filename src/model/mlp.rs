@@ -321,7 +321,12 @@ mod tests {
             )
             .unwrap(),
         };
-        let batch = Batch { x, y, n };
+        let batch = Batch {
+            x,
+            y,
+            n,
+            mask: None,
+        };
         let params = store.trainable();
         let mut g1 = Grads::zeros(&params);
         let mut g2 = Grads::zeros(&params);

@@ -212,6 +212,9 @@ pub fn build(
     device: &Device,
 ) -> Result<Box<dyn Model>> {
     match cfg.kind {
+        ModelKind::Mlp if schema.modality == "text" => Err(Error::Config(
+            "the data is text (token ids); an MLP needs feature vectors: use a text model (model.kind = \"bert\", coming with BERT support)".into(),
+        )),
         ModelKind::Mlp => {
             let store = ParamStore::with_device(seed, device.clone());
             let mlp = Mlp::new(
