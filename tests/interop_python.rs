@@ -20,15 +20,9 @@ print(json.dumps(out))
 
 #[test]
 fn python_safetensors_reads_weights_and_optimizer_state() {
-    let pypath = root().join(".cache/python");
-    let have = Command::new("python3")
-        .env("PYTHONPATH", &pypath)
-        .args(["-c", "import safetensors.numpy, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !require_asset(have, "python packages safetensors + numpy in .cache/python") {
+    let Some(pypath) = python_with_safetensors() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     let run = train(
         "configs/iris_mlp.toml",

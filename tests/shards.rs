@@ -51,15 +51,9 @@ fn fashion_packs_verifies_and_python_reads_the_same_pixels() {
     assert!(ok, "{msg}");
     assert!(msg.contains("ok: 10000 samples in 4 shard(s)"), "{msg}");
 
-    let pypath = root().join(".cache/python");
-    let have = Command::new("python3")
-        .env("PYTHONPATH", &pypath)
-        .args(["-c", "import safetensors.numpy, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !require_asset(have, "python packages safetensors + numpy in .cache/python") {
+    let Some(pypath) = python_with_safetensors() else {
         return;
-    }
+    };
     let script = r#"
 import gzip, json, sys, numpy as np
 from safetensors.numpy import load_file

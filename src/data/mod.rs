@@ -129,19 +129,45 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
             .map(|s| s.std.iter().map(|&v| v as f32).collect())
             .unwrap_or_default(),
     };
-    match &cfg.test_path {
+    let eval = match &cfg.test_path {
         Some(p) => {
-            let tset = ShardSet::open(p, cfg.verify_checksums)?;
-            if tset.manifest.fields != m.fields {
-                return Err(Error::Data(format!(
-                    "{}: its fields differ from the training shards in {dir}",
-                    p.display()
-                )));
-            }
+            let tset = open_eval_set(p, cfg, &m)?;
             // Evaluation data is normalized with the *training* statistics.
-            let eval = ShardSource::new(tset, &input, &label, norm)?;
-            Ok((Box::new(train), Box::new(eval), schema))
+            Some(ShardSource::new(tset, &input, &label, norm)?)
         }
+        None => None,
+    };
+    pair(train, eval, cfg, seed, schema)
+}
+
+/// The evaluation shards of `data.test_path`, which must have the training set's fields.
+fn open_eval_set(
+    p: &std::path::Path,
+    cfg: &DataConfig,
+    train: &shard::Manifest,
+) -> Result<ShardSet> {
+    let set = ShardSet::open(p, cfg.verify_checksums)?;
+    if set.manifest.fields != train.fields {
+        return Err(Error::Data(format!(
+            "{}: its fields differ from the training shards in {}",
+            p.display(),
+            cfg.path.display()
+        )));
+    }
+    Ok(set)
+}
+
+/// Training and evaluation sources: `eval` from `data.test_path`, or else a seeded split of
+/// `train` by `data.test_fraction`.
+fn pair<S: Source + 'static>(
+    train: S,
+    eval: Option<S>,
+    cfg: &DataConfig,
+    seed: u64,
+    schema: Schema,
+) -> Result<Sources> {
+    match eval {
+        Some(eval) => Ok((Box::new(train), Box::new(eval), schema)),
         None => {
             let (tr, test) = split_indices(train.len(), cfg.test_fraction, seed, &cfg.path)?;
             let inner: Arc<dyn Source> = Arc::new(train);
@@ -185,29 +211,16 @@ fn open_images(
         mean: cfg.image.mean.clone(),
         std: cfg.image.std.clone(),
     };
-    match &cfg.test_path {
-        Some(p) => {
-            let eval = image::ImageSource::new(
-                ShardSet::open(p, cfg.verify_checksums)?,
-                input,
-                label,
-                cfg.image.clone(),
-            )?;
-            Ok((Box::new(train), Box::new(eval), schema))
-        }
-        None => {
-            let (tr, test) = split_indices(train.len(), cfg.test_fraction, seed, &cfg.path)?;
-            let inner: Arc<dyn Source> = Arc::new(train);
-            Ok((
-                Box::new(Subset {
-                    inner: inner.clone(),
-                    idx: tr,
-                }),
-                Box::new(Subset { inner, idx: test }),
-                schema,
-            ))
-        }
-    }
+    let eval = match &cfg.test_path {
+        Some(p) => Some(image::ImageSource::new(
+            open_eval_set(p, cfg, &m)?,
+            input,
+            label,
+            cfg.image.clone(),
+        )?),
+        None => None,
+    };
+    pair(train, eval, cfg, seed, schema)
 }
 
 /// Sources over raw text, tokenized at load time with `data.tokenizer`.
@@ -245,25 +258,16 @@ fn open_text(
         mean: Vec::new(),
         std: Vec::new(),
     };
-    match &cfg.test_path {
-        Some(p) => {
-            let eval =
-                text::TextSource::new(ShardSet::open(p, cfg.verify_checksums)?, input, label, tok)?;
-            Ok((Box::new(train), Box::new(eval), schema))
-        }
-        None => {
-            let (tr, test) = split_indices(train.len(), cfg.test_fraction, seed, &cfg.path)?;
-            let inner: Arc<dyn Source> = Arc::new(train);
-            Ok((
-                Box::new(Subset {
-                    inner: inner.clone(),
-                    idx: tr,
-                }),
-                Box::new(Subset { inner, idx: test }),
-                schema,
-            ))
-        }
-    }
+    let eval = match &cfg.test_path {
+        Some(p) => Some(text::TextSource::new(
+            open_eval_set(p, cfg, &m)?,
+            input,
+            label,
+            tok,
+        )?),
+        None => None,
+    };
+    pair(train, eval, cfg, seed, schema)
 }
 
 /// A seeded train/eval split of `n` samples (sorted index lists).

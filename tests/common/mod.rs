@@ -75,3 +75,15 @@ pub fn require_asset(ok: bool, what: &str) -> bool {
     eprintln!("SKIPPED: {what} is missing; run scripts/test.sh to fetch it");
     false
 }
+
+/// The `.cache/python` path, if python3 there can import safetensors and numpy (the asset rule
+/// of [`require_asset`] applies).
+pub fn python_with_safetensors() -> Option<PathBuf> {
+    let pypath = root().join(".cache/python");
+    let have = Command::new("python3")
+        .env("PYTHONPATH", &pypath)
+        .args(["-c", "import safetensors.numpy, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    require_asset(have, "python packages safetensors + numpy in .cache/python").then_some(pypath)
+}
