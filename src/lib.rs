@@ -49,6 +49,7 @@ pub mod io;
 pub mod model;
 pub mod rng;
 pub mod train;
+pub mod tune;
 
 pub use error::{Error, Result};
 

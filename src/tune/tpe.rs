@@ -1,0 +1,589 @@
+//! The Tree-structured Parzen Estimator, after Optuna 5's `TPESampler`: the same defaults
+//! (10 random start-up trials, 24 expected-improvement candidates, gamma(n) = min(⌈0.1 n⌉, 25),
+//! Optuna's weights of old trials, prior weight 1, magic-clip bandwidths, no endpoint
+//! bandwidths, multivariate sampling and the constant liar), log/int/step handling through
+//! truncated and discretised normals, and categoricals as smoothed histograms.
+//!
+//! Departures: random numbers come from wick's keyed generator (so a seed gives a different,
+//! equally reproducible sequence than Optuna's); constraints and multi-objective are not
+//! supported.
+
+use std::collections::BTreeMap;
+
+use super::space::Distribution;
+use super::study::{sample_uniform, Direction, FrozenTrial, Sampler, TrialState};
+use crate::rng::Rng;
+
+/// Optuna's `default_gamma`: how many of `n` trials form the "good" group.
+pub fn default_gamma(n: usize) -> usize {
+    ((0.1 * n as f64).ceil() as usize).min(25)
+}
+
+/// Optuna's `default_weights`: recent trials weigh 1, older ones ramp down (beyond 25).
+pub fn default_weights(n: usize) -> Vec<f64> {
+    if n == 0 {
+        return Vec::new();
+    }
+    if n < 25 {
+        return vec![1.0; n];
+    }
+    let ramp_n = n - 25;
+    let lo = 1.0 / n as f64;
+    let mut w: Vec<f64> = (0..ramp_n)
+        .map(|i| {
+            if ramp_n == 1 {
+                lo
+            } else {
+                lo + (1.0 - lo) * i as f64 / (ramp_n - 1) as f64
+            }
+        })
+        .collect();
+    w.extend(std::iter::repeat_n(1.0, 25));
+    w
+}
+
+/// TPE settings (Optuna 5's defaults).
+#[derive(Debug, Clone)]
+pub struct TpeSampler {
+    pub n_startup_trials: usize,
+    pub n_ei_candidates: usize,
+    pub prior_weight: f64,
+    pub consider_magic_clip: bool,
+    pub multivariate: bool,
+    pub constant_liar: bool,
+}
+
+impl TpeSampler {
+    /// TPE with Optuna 5's defaults: multivariate (joint kernels over the parameters every
+    /// finished trial has, univariate for the others) and the constant liar. Random numbers
+    /// come from the study's per-trial streams.
+    pub fn new() -> Self {
+        Self {
+            n_startup_trials: 10,
+            n_ei_candidates: 24,
+            prior_weight: 1.0,
+            consider_magic_clip: true,
+            multivariate: true,
+            constant_liar: true,
+        }
+    }
+
+    /// Independent (univariate) TPE, Optuna's default before version 5.
+    pub fn univariate() -> Self {
+        Self {
+            multivariate: false,
+            ..Self::new()
+        }
+    }
+}
+
+impl Default for TpeSampler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const SQRT2: f64 = std::f64::consts::SQRT_2;
+
+/// Standard normal CDF.
+fn ndtr(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / SQRT2)
+}
+
+/// log(Φ(b) - Φ(a)) for a < b, accurate in both tails.
+fn log_diff_ndtr(a: f64, b: f64) -> f64 {
+    if a > 0.0 {
+        // Upper tail: Φ(b) - Φ(a) = Φ(-a) - Φ(-b).
+        (ndtr(-a) - ndtr(-b)).max(f64::MIN_POSITIVE).ln()
+    } else {
+        (ndtr(b) - ndtr(a)).max(f64::MIN_POSITIVE).ln()
+    }
+}
+
+/// Inverse of the standard normal CDF (Acklam's approximation plus a Newton step).
+fn ndtri(p: f64) -> f64 {
+    let p = p.clamp(1e-300, 1.0 - 1e-16);
+    const A: [f64; 6] = [
+        -3.969683028665376e+01,
+        2.209460984245205e+02,
+        -2.759285104469687e+02,
+        1.383577518672690e+02,
+        -3.066479806614716e+01,
+        2.506628277459239e+00,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e+01,
+        1.615858368580409e+02,
+        -1.556989798598866e+02,
+        6.680131188771972e+01,
+        -1.328068155288572e+01,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e+00,
+        -2.549732539343734e+00,
+        4.374664141464968e+00,
+        2.938163982698783e+00,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-03,
+        3.224671290700398e-01,
+        2.445134137142996e+00,
+        3.754408661907416e+00,
+    ];
+    let x = if p < 0.02425 {
+        let q = (-2.0 * p.ln()).sqrt();
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else if p > 1.0 - 0.02425 {
+        let q = (-2.0 * (1.0 - p).ln()).sqrt();
+        -(((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    };
+    // One Newton step on Φ(x) = p.
+    let e = ndtr(x) - p;
+    let u = e * (2.0 * std::f64::consts::PI).sqrt() * (x * x / 2.0).exp();
+    x - u / (1.0 + x * u / 2.0)
+}
+
+fn logsumexp(v: &[f64]) -> f64 {
+    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+/// One parameter's kernels in a Parzen estimator.
+enum Kernels {
+    /// Truncated normals over the adapted interval (bounds widened by half a step, then
+    /// log-transformed if log); with `step`, the mass of each grid point's bin. `low`, `high`
+    /// and `step` are in the original space.
+    Numerical {
+        mus: Vec<f64>,
+        sigmas: Vec<f64>,
+        low: f64,
+        high: f64,
+        step: Option<f64>,
+        log: bool,
+    },
+    /// One probability row per kernel.
+    Categorical { probs: Vec<Vec<f64>> },
+}
+
+/// A numerical distribution as Optuna's estimator sees it: original bounds, step, log.
+fn numerical_space(d: &Distribution) -> (f64, f64, Option<f64>, bool) {
+    match d {
+        Distribution::Float {
+            low,
+            high,
+            log,
+            step,
+        } => (*low, *high, *step, *log),
+        Distribution::Int {
+            low,
+            high,
+            log,
+            step,
+        } => (*low as f64, *high as f64, Some(*step as f64), *log),
+        Distribution::Categorical { .. } => unreachable!("numerical only"),
+    }
+}
+
+/// The estimator's interval: bounds widened by half a step, then log-transformed if log.
+fn adapted_bounds(low: f64, high: f64, step: Option<f64>, log: bool) -> (f64, f64) {
+    let st = step.unwrap_or(0.0);
+    let (a, b) = (low - st / 2.0, high + st / 2.0);
+    if log {
+        (a.ln(), b.ln())
+    } else {
+        (a, b)
+    }
+}
+
+fn transform(x: f64, log: bool) -> f64 {
+    if log {
+        x.ln()
+    } else {
+        x
+    }
+}
+
+/// Picks index `i` with probability `p[i]` (the last on rounding shortfall).
+fn pick(p: &[f64], rng: &mut Rng) -> usize {
+    let mut u = rng.next_f64();
+    for (i, &w) in p.iter().enumerate() {
+        if u < w {
+            return i;
+        }
+        u -= w;
+    }
+    p.len() - 1
+}
+
+/// A mixture over the observations of a group plus a prior kernel (the last).
+struct Parzen {
+    weights: Vec<f64>,
+    params: Vec<(String, Kernels)>,
+}
+
+impl Parzen {
+    fn new(
+        obs: &[&BTreeMap<String, f64>],
+        space: &[(String, Distribution)],
+        s: &TpeSampler,
+    ) -> Self {
+        let n = obs.len();
+        let mut weights = default_weights(n);
+        weights.push(s.prior_weight);
+        let total: f64 = weights.iter().sum();
+        weights.iter_mut().for_each(|w| *w /= total);
+        let n_kernels = n + 1;
+        let params = space
+            .iter()
+            .map(|(name, d)| {
+                let xs: Vec<f64> = obs.iter().map(|o| o[name]).collect();
+                let k = match d {
+                    Distribution::Categorical { choices } => {
+                        let c = choices.len();
+                        let base = s.prior_weight / n_kernels as f64;
+                        let mut probs: Vec<Vec<f64>> = xs
+                            .iter()
+                            .map(|&x| {
+                                let mut row = vec![base; c];
+                                row[x as usize] += 1.0;
+                                let sum: f64 = row.iter().sum();
+                                row.iter().map(|v| v / sum).collect()
+                            })
+                            .collect();
+                        probs.push(vec![1.0 / c as f64; c]);
+                        Kernels::Categorical { probs }
+                    }
+                    _ => {
+                        // Optuna 5 uses neighbour-distance bandwidths per dimension in
+                        // univariate and multivariate mode alike.
+                        let (low, high, step, log) = numerical_space(d);
+                        let (a, b) = adapted_bounds(low, high, step, log);
+                        let mut mus: Vec<f64> = xs.iter().map(|&x| transform(x, log)).collect();
+                        let mut sigmas = neighbour_sigmas(&mus, a, b);
+                        let maxsigma = b - a;
+                        let minsigma = if s.consider_magic_clip {
+                            maxsigma / (100f64).min(1.0 + n_kernels as f64)
+                        } else {
+                            1e-12
+                        };
+                        sigmas
+                            .iter_mut()
+                            .for_each(|sg| *sg = sg.clamp(minsigma, maxsigma));
+                        mus.push(0.5 * (a + b));
+                        sigmas.push(maxsigma);
+                        Kernels::Numerical {
+                            mus,
+                            sigmas,
+                            low,
+                            high,
+                            step,
+                            log,
+                        }
+                    }
+                };
+                (name.clone(), k)
+            })
+            .collect();
+        Self { weights, params }
+    }
+
+    /// Draws `count` joint samples (one kernel for all parameters of a sample).
+    fn sample(&self, count: usize, rng: &mut Rng) -> Vec<BTreeMap<String, f64>> {
+        (0..count)
+            .map(|_| {
+                let k = pick(&self.weights, rng);
+                self.params
+                    .iter()
+                    .map(|(name, kern)| {
+                        let v = match kern {
+                            Kernels::Categorical { probs } => pick(&probs[k], rng) as f64,
+                            Kernels::Numerical {
+                                mus,
+                                sigmas,
+                                low,
+                                high,
+                                step,
+                                log,
+                            } => {
+                                let (a, b) = adapted_bounds(*low, *high, *step, *log);
+                                let (mu, sg) = (mus[k], sigmas[k]);
+                                let (pa, pb) = (ndtr((a - mu) / sg), ndtr((b - mu) / sg));
+                                let p = pa + (pb - pa) * rng.next_f64();
+                                let mut x = (mu + sg * ndtri(p)).clamp(a, b);
+                                if *log {
+                                    x = x.exp();
+                                }
+                                match step {
+                                    Some(st) => {
+                                        (low + ((x - low) / st).round() * st).clamp(*low, *high)
+                                    }
+                                    None => x.clamp(*low, *high),
+                                }
+                            }
+                        };
+                        (name.clone(), v)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Log-density (log-mass on grids) of the mixture at each point.
+    fn log_pdf(&self, xs: &[BTreeMap<String, f64>]) -> Vec<f64> {
+        let log_w: Vec<f64> = self.weights.iter().map(|w| w.ln()).collect();
+        xs.iter()
+            .map(|x| {
+                let mut per_kernel = log_w.clone();
+                for (name, kern) in &self.params {
+                    let v = x[name];
+                    match kern {
+                        Kernels::Categorical { probs } => {
+                            for (k, pk) in per_kernel.iter_mut().enumerate() {
+                                *pk += probs[k][v as usize].ln();
+                            }
+                        }
+                        Kernels::Numerical {
+                            mus,
+                            sigmas,
+                            low,
+                            high,
+                            step,
+                            log,
+                        } => {
+                            let (a, b) = adapted_bounds(*low, *high, *step, *log);
+                            let (l, r) = match step {
+                                Some(s) => {
+                                    (transform(v - s / 2.0, *log), transform(v + s / 2.0, *log))
+                                }
+                                None => (transform(v, *log), 0.0),
+                            };
+                            for (k, pk) in per_kernel.iter_mut().enumerate() {
+                                let (mu, sg) = (mus[k], sigmas[k]);
+                                let log_z = log_diff_ndtr((a - mu) / sg, (b - mu) / sg);
+                                let lp = match step {
+                                    Some(_) => log_diff_ndtr((l - mu) / sg, (r - mu) / sg),
+                                    None => {
+                                        let z = (l - mu) / sg;
+                                        -0.5 * z * z
+                                            - 0.5 * (2.0 * std::f64::consts::PI).ln()
+                                            - sg.ln()
+                                    }
+                                };
+                                *pk += lp - log_z;
+                            }
+                        }
+                    }
+                }
+                logsumexp(&per_kernel)
+            })
+            .collect()
+    }
+}
+
+/// Optuna's bandwidths: the larger distance to a neighbour (interval ends included), except
+/// that the outermost observations use their inner neighbour (`consider_endpoints=False`).
+fn neighbour_sigmas(mus: &[f64], low: f64, high: f64) -> Vec<f64> {
+    let m = mus.len();
+    if m == 0 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| mus[a].total_cmp(&mus[b]));
+    let mut ext = Vec::with_capacity(m + 2);
+    ext.push(low);
+    ext.extend(order.iter().map(|&i| mus[i]));
+    ext.push(high);
+    let mut sorted: Vec<f64> = (1..=m)
+        .map(|i| (ext[i] - ext[i - 1]).max(ext[i + 1] - ext[i]))
+        .collect();
+    if ext.len() >= 4 {
+        sorted[0] = ext[2] - ext[1];
+        sorted[m - 1] = ext[m] - ext[m - 1];
+    }
+    let mut out = vec![0.0; m];
+    for (rank, &i) in order.iter().enumerate() {
+        out[i] = sorted[rank];
+    }
+    out
+}
+
+impl TpeSampler {
+    /// Splits the trials into the good ("below") and the other ("above") groups, each in
+    /// trial-number order, keeping those that have every parameter of `space`. Returns the
+    /// number of finished (complete or pruned) trials too.
+    fn split<'a>(
+        &self,
+        history: &'a [FrozenTrial],
+        direction: Direction,
+        space: &[(String, Distribution)],
+    ) -> (Vec<&'a FrozenTrial>, Vec<&'a FrozenTrial>, usize) {
+        let has = |t: &FrozenTrial| space.iter().all(|(n, d)| t.distributions.get(n) == Some(d));
+        let mut complete: Vec<&FrozenTrial> = history
+            .iter()
+            .filter(|t| t.state == TrialState::Complete && t.value.is_some())
+            .collect();
+        complete.sort_by(|a, b| {
+            direction
+                .loss(a.value.unwrap())
+                .total_cmp(&direction.loss(b.value.unwrap()))
+                .then(a.number.cmp(&b.number))
+        });
+        // Pruned trials rank after complete ones: further along first, then by value there.
+        let score = |t: &FrozenTrial| match t.last_intermediate() {
+            Some((s, v)) if v.is_nan() => (-(s as i64), f64::INFINITY),
+            Some((s, v)) => (-(s as i64), direction.loss(v)),
+            None => (1, 0.0),
+        };
+        let mut pruned: Vec<&FrozenTrial> = history
+            .iter()
+            .filter(|t| t.state == TrialState::Pruned)
+            .collect();
+        pruned.sort_by(|a, b| {
+            let (sa, sb) = (score(a), score(b));
+            sa.0.cmp(&sb.0)
+                .then(sa.1.total_cmp(&sb.1))
+                .then(a.number.cmp(&b.number))
+        });
+        let mut ranked: Vec<&FrozenTrial> = complete.into_iter().chain(pruned).collect();
+        let n_finished = ranked.len();
+        let n_below = default_gamma(n_finished).min(n_finished);
+        if self.constant_liar {
+            // Other workers' running trials count as the worst results, so workers spread out.
+            ranked.extend(
+                history
+                    .iter()
+                    .filter(|t| t.state == TrialState::Running && !t.params.is_empty()),
+            );
+        }
+        let mut below: Vec<&FrozenTrial> = ranked[..n_below]
+            .iter()
+            .copied()
+            .filter(|t| has(t))
+            .collect();
+        let mut above: Vec<&FrozenTrial> = ranked[n_below..]
+            .iter()
+            .copied()
+            .filter(|t| has(t))
+            .collect();
+        below.sort_by_key(|t| t.number);
+        above.sort_by_key(|t| t.number);
+        (below, above, n_finished)
+    }
+
+    fn sample_space(
+        &self,
+        history: &[FrozenTrial],
+        direction: Direction,
+        space: &[(String, Distribution)],
+        rng: &mut Rng,
+    ) -> Option<BTreeMap<String, f64>> {
+        let (below, above, n_finished) = self.split(history, direction, space);
+        if n_finished < self.n_startup_trials {
+            return None;
+        }
+        let l = Parzen::new(
+            &below.iter().map(|t| &t.params).collect::<Vec<_>>(),
+            space,
+            self,
+        );
+        let g = Parzen::new(
+            &above.iter().map(|t| &t.params).collect::<Vec<_>>(),
+            space,
+            self,
+        );
+        let candidates = l.sample(self.n_ei_candidates, rng);
+        let (ll, lg) = (l.log_pdf(&candidates), g.log_pdf(&candidates));
+        // The first maximum of log l(x) - log g(x).
+        let mut best = 0;
+        for i in 1..candidates.len() {
+            if ll[i] - lg[i] > ll[best] - lg[best] {
+                best = i;
+            }
+        }
+        candidates.into_iter().nth(best)
+    }
+}
+
+impl Sampler for TpeSampler {
+    fn sample_relative(
+        &mut self,
+        history: &[FrozenTrial],
+        direction: Direction,
+        space: &BTreeMap<String, Distribution>,
+        rng: &mut Rng,
+    ) -> BTreeMap<String, f64> {
+        if !self.multivariate {
+            return BTreeMap::new();
+        }
+        let space: Vec<(String, Distribution)> =
+            space.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.sample_space(history, direction, &space, rng)
+            .unwrap_or_default()
+    }
+
+    fn sample_independent(
+        &mut self,
+        history: &[FrozenTrial],
+        direction: Direction,
+        name: &str,
+        dist: &Distribution,
+        rng: &mut Rng,
+    ) -> f64 {
+        let space = [(name.to_string(), dist.clone())];
+        match self.sample_space(history, direction, &space, rng) {
+            Some(p) => p[name],
+            None => sample_uniform(dist, rng),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gamma_and_weights_match_optuna() {
+        assert_eq!(default_gamma(1), 1);
+        assert_eq!(default_gamma(10), 1);
+        assert_eq!(default_gamma(11), 2);
+        assert_eq!(default_gamma(1000), 25);
+        assert_eq!(default_weights(3), [1.0, 1.0, 1.0]);
+        let w = default_weights(30);
+        assert_eq!(w.len(), 30);
+        assert!((w[0] - 1.0 / 30.0).abs() < 1e-12);
+        assert!((w[4] - 1.0).abs() < 1e-12);
+        assert!(w[1] > w[0] && w[2] > w[1]);
+    }
+
+    #[test]
+    fn normal_helpers_are_accurate() {
+        for &p in &[1e-10, 0.001, 0.1, 0.5, 0.9, 0.999] {
+            assert!((ndtr(ndtri(p)) - p).abs() < 1e-9 * p.max(1e-3), "{p}");
+        }
+        assert!((log_diff_ndtr(-1.0, 1.0) - 0.682_689_492_137_086f64.ln()).abs() < 1e-9);
+        assert!(log_diff_ndtr(8.0, 9.0).is_finite());
+    }
+
+    #[test]
+    fn bandwidths_follow_neighbours() {
+        // Observations 0.2, 0.5, 0.9 on [0, 1]: the outer ones use their inner neighbour.
+        let s = neighbour_sigmas(&[0.5, 0.2, 0.9], 0.0, 1.0);
+        assert!((s[1] - 0.3).abs() < 1e-12);
+        assert!((s[0] - 0.4).abs() < 1e-12);
+        assert!((s[2] - 0.4).abs() < 1e-12);
+        // One observation: the larger distance to an end.
+        assert!((neighbour_sigmas(&[0.2], 0.0, 1.0)[0] - 0.8).abs() < 1e-12);
+    }
+}
