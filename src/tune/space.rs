@@ -43,7 +43,7 @@ impl Distribution {
                     return Err(format!("log = true needs low > 0, got {low}"));
                 }
                 if let Some(s) = step {
-                    if !(*s > 0.0) || *log {
+                    if s.is_nan() || *s <= 0.0 || *log {
                         return Err("step must be > 0 and cannot be combined with log".into());
                     }
                 }
