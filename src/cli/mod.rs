@@ -6,6 +6,7 @@ mod eval;
 mod predict;
 mod runs;
 mod train;
+mod tune;
 
 use std::path::PathBuf;
 
@@ -19,6 +20,8 @@ Examples:
   wick eval checkpoints/runs/digits_mlp-20261125-101500 --json
   wick predict checkpoints/runs/iris_mlp-20261125-101500 --input data/sklearn/iris.csv
   wick runs
+  wick tune configs/tune_digits.toml
+  wick tune --status checkpoints/tune/digits_tune
   wick data pack idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out data/fashion/train
   wick data inspect data/fashion/train
   wick data verify data/fashion/train";
@@ -43,6 +46,8 @@ pub enum Command {
     Runs(runs::RunsArgs),
     /// Pack, inspect and verify shard datasets.
     Data(data::DataArgs),
+    /// Tune hyper-parameters: a study of training runs (TPE, random or grid; pruning).
+    Tune(tune::TuneArgs),
 }
 
 /// Parses `std::env::args` and runs the command.
@@ -54,6 +59,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Runs(a) => runs::run(a),
         Command::Data(a) => data::run(a),
+        Command::Tune(a) => tune::run(a),
     }
 }
 

@@ -25,6 +25,11 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
     Ok(cfg)
 }
 
+/// Validates a config built in code (paths resolve against the working directory).
+pub fn validate(cfg: &mut Config, origin: &str) -> Result<()> {
+    super::validate::resolve_and_validate(cfg, origin, Path::new("."))
+}
+
 /// Parses config text (named `origin` in errors) and applies overrides, without validation.
 pub fn load_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
     let cfg: Config = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;

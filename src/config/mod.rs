@@ -9,7 +9,7 @@ mod load;
 mod validate;
 
 pub(crate) use load::closest as closest_name;
-pub use load::{load, load_str, parse_override};
+pub use load::{load, load_str, parse_override, validate};
 pub use validate::monitor_names;
 
 use std::path::PathBuf;
@@ -31,6 +31,79 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    /// `wick tune` only: the study. Trials run with this section removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<TuneConfig>,
+}
+
+/// Samplers for `wick tune`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    Tpe,
+    Random,
+    Grid,
+}
+
+/// Pruners for `wick tune`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrunerKind {
+    None,
+    Median,
+    Asha,
+}
+
+/// One searched parameter: exactly one of `float`, `int` or `choices`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpaceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub float: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int: Option<[i64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choices: Option<Vec<toml::Value>>,
+    #[serde(default)]
+    pub log: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<f64>,
+}
+
+/// `[tune]`: a hyper-parameter study over this config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TuneConfig {
+    pub n_trials: usize,
+    /// `"maximize"` or `"minimize"`; default from the metric (losses are minimized).
+    pub direction: Option<crate::tune::Direction>,
+    /// A metric the trainer reports, e.g. `eval_accuracy`; default `train.monitor`'s.
+    pub metric: Option<String>,
+    pub seed: u64,
+    pub sampler: SamplerKind,
+    pub pruner: PrunerKind,
+    /// Trial processes running at once.
+    pub workers: usize,
+    /// The study journal; default `checkpoints/tune/<run.name>/journal.jsonl`.
+    pub storage: Option<PathBuf>,
+    /// Config paths to search, e.g. `"optim.lr" = { float = [1e-4, 1e-1], log = true }`.
+    pub space: std::collections::BTreeMap<String, SpaceSpec>,
+}
+
+impl Default for TuneConfig {
+    fn default() -> Self {
+        Self {
+            n_trials: 20,
+            direction: None,
+            metric: None,
+            seed: 0,
+            sampler: SamplerKind::Tpe,
+            pruner: PrunerKind::None,
+            workers: 1,
+            storage: None,
+            space: Default::default(),
+        }
+    }
 }
 
 /// `[run]`: identity and environment of a run.

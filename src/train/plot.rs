@@ -12,7 +12,7 @@ type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The font is embedded, so registration cannot fail on a valid build.

@@ -1,7 +1,10 @@
 //! Hyper-parameter tuning: a define-by-run [`Study`] / [`Trial`] API over any objective, the
 //! TPE sampler (after Optuna's), random sampling, and median / successive-halving pruners.
 
+pub mod journal;
 pub mod pruner;
+pub mod report;
+pub mod runner;
 pub mod space;
 pub mod study;
 pub mod tpe;

@@ -318,6 +318,11 @@ impl Trial<'_> {
         self.number
     }
 
+    /// The parameters suggested so far (internal representation).
+    pub fn params(&self) -> BTreeMap<String, f64> {
+        self.study.trials[self.number].params.clone()
+    }
+
     fn suggest(&mut self, name: &str, dist: Distribution) -> Result<f64, TrialError> {
         dist.validate()
             .map_err(|e| TrialError::Invalid(format!("parameter `{name}`: {e}")))?;
