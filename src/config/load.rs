@@ -48,29 +48,44 @@ pub fn load_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config
     Ok(Config::deserialize(table).expect("checked after each override"))
 }
 
-/// Splits `a.b.c=value` and parses the value as TOML (bare words become strings).
+/// Splits `a.b.c=value` and parses the value as TOML (bare words become strings). Keys use
+/// TOML's dotted-key syntax, so a segment with a dot is quoted: `tune.space."optim.lr"=...`.
 pub fn parse_override(s: &str) -> Result<(Vec<String>, toml::Value)> {
     let Some((key, raw)) = s.split_once('=') else {
         return Err(Error::Config(format!(
             "--set {s}: expected KEY=VALUE, e.g. --set optim.lr=0.01"
         )));
     };
-    let key: Vec<String> = key
-        .trim()
-        .split('.')
-        .map(|k| k.trim().to_string())
-        .collect();
-    if key.iter().any(|k| k.is_empty()) {
+    let (key, raw) = (key.trim(), raw.trim());
+    let doc = toml::from_str::<toml::Table>(&format!("{key} = {raw}")).or_else(|_| {
+        let quoted = toml::Value::String(raw.to_string()).to_string();
+        toml::from_str::<toml::Table>(&format!("{key} = {quoted}"))
+    });
+    let Ok(mut table) = doc else {
         return Err(Error::Config(format!(
-            "--set {s}: the key has an empty part; write it as section.key, e.g. train.epochs"
+            "--set {s}: `{key}` is not a key path; write it as section.key, e.g. train.epochs (quote parts with dots: tune.space.\"optim.lr\")"
         )));
-    }
-    let raw = raw.trim();
-    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").expect("parsed one key"),
-        Err(_) => toml::Value::String(raw.to_string()),
     };
-    Ok((key, value))
+    // The key's own segments (parsed with a plain value), then the same walk in the document.
+    let mut segments = 0;
+    let mut probe =
+        toml::from_str::<toml::Table>(&format!("{key} = 0")).expect("the key parsed above");
+    while let Some((_, v)) = probe.into_iter().next() {
+        segments += 1;
+        match v {
+            toml::Value::Table(t) => probe = t,
+            _ => break,
+        }
+    }
+    let mut path = Vec::new();
+    loop {
+        let (k, v) = table.into_iter().next().expect("one key was parsed");
+        path.push(k);
+        match v {
+            toml::Value::Table(t) if path.len() < segments => table = t,
+            v => return Ok((path, v)),
+        }
+    }
 }
 
 fn set_path(
@@ -282,5 +297,13 @@ mod tests {
         );
         let e = err(text, &["optim.lr"]);
         assert!(e.contains("expected KEY=VALUE"), "{e}");
+        let (path, v) = parse_override(r#"tune.space."optim.lr"={ float = [0.1, 1.0] }"#).unwrap();
+        assert_eq!(path, ["tune", "space", "optim.lr"]);
+        assert!(v.as_table().unwrap().contains_key("float"));
+        let (path, v) = parse_override("run.name=exp 1").unwrap();
+        assert_eq!(
+            (path, v.as_str()),
+            (vec!["run".to_string(), "name".to_string()], Some("exp 1"))
+        );
     }
 }

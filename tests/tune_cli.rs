@@ -1,0 +1,250 @@
+//! `wick tune` end to end: outputs, exact reproduction of the best trial, reproducible studies,
+//! crash recovery after SIGKILL, pruning, and errors that name the key.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn tune(storage: &Path, extra: &[&str]) -> (bool, String) {
+    let o = wick()
+        .args(["tune", "configs/tune_digits.toml", "--quiet", "--set"])
+        .arg(format!("tune.storage=\"{}\"", storage.display()))
+        .args(extra)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    (o.status.success(), out + &err)
+}
+
+fn records(journal: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn finished(recs: &[serde_json::Value], state: &str) -> Vec<serde_json::Value> {
+    recs.iter()
+        .filter(|r| r["op"] == "finish" && r["state"] == state)
+        .cloned()
+        .collect()
+}
+
+fn csv_without_durations(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("trials.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f: Vec<&str> = l.split(',').collect();
+            f.remove(3);
+            f.join(",")
+        })
+        .collect()
+}
+
+const SMALL: [&str; 4] = ["--set", "tune.n_trials=12", "--set", "train.epochs=6"];
+
+#[test]
+fn a_study_writes_its_outputs_and_best_toml_reproduces_the_best_trial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a/journal.jsonl");
+    let (ok, msg) = tune(&a, &SMALL);
+    assert!(ok, "{msg}");
+    let dir = a.parent().unwrap().to_path_buf();
+    for f in [
+        "trials.csv",
+        "best.toml",
+        "history.png",
+        "params.png",
+        "trials/trial-0000/summary.json",
+    ] {
+        assert!(dir.join(f).exists(), "missing {f}");
+    }
+    let recs = records(&a);
+    assert_eq!(finished(&recs, "complete").len(), 12);
+    let best = finished(&recs, "complete")
+        .iter()
+        .map(|r| r["value"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    let run = train(
+        dir.join("best.toml").to_str().unwrap(),
+        &tmp.path().join("best-run"),
+        &[],
+    );
+    assert_eq!(
+        final_metric(&run, "eval_accuracy"),
+        best,
+        "best.toml must reproduce the best trial exactly"
+    );
+
+    // The same seed gives the same parameters and values.
+    let b = tmp.path().join("b/journal.jsonl");
+    assert!(tune(&b, &SMALL).0);
+    assert_eq!(
+        csv_without_durations(&dir),
+        csv_without_durations(b.parent().unwrap())
+    );
+
+    // --status prints a row per trial.
+    let o = wick()
+        .args(["tune", "--status"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let (out, _) = text(&o);
+    assert_eq!(
+        out.lines().filter(|l| l.contains("complete")).count(),
+        12,
+        "{out}"
+    );
+}
+
+#[test]
+fn sigkill_mid_trial_then_rerun_completes_exactly_n_trials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let journal = tmp.path().join("s/journal.jsonl");
+    let args = [
+        "--set",
+        "tune.n_trials=10",
+        "--set",
+        "train.epochs=40",
+        "--set",
+        "tune.pruner=\"none\"",
+    ];
+    let mut child = wick()
+        .args([
+            "tune",
+            "configs/tune_digits.toml",
+            "--quiet",
+            "--threads",
+            "1",
+            "--set",
+        ])
+        .arg(format!("tune.storage=\"{}\"", journal.display()))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for 3 finished trials and a 4th under way, then kill it mid-trial.
+    let t0 = Instant::now();
+    loop {
+        let recs = std::fs::read_to_string(&journal).unwrap_or_default();
+        let done = recs.matches("\"op\":\"finish\"").count();
+        let reports_after = recs
+            .rsplit("\"op\":\"start\"")
+            .next()
+            .map(|s| s.matches("\"op\":\"report\"").count());
+        if done >= 3
+            && recs.matches("\"op\":\"start\"").count() > done
+            && reports_after.unwrap_or(0) >= 2
+        {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the study ended before it could be killed"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before: Vec<serde_json::Value> = finished(&records(&journal), "complete");
+    assert!(before.len() >= 3);
+
+    let storage = format!("tune.storage=\"{}\"", journal.display());
+    let o = wick()
+        .args([
+            "tune",
+            "configs/tune_digits.toml",
+            "--quiet",
+            "--set",
+            &storage,
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    let recs = records(&journal);
+    let after = finished(&recs, "complete");
+    assert_eq!(after.len(), 10, "exactly n_trials completed");
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "completed trials are unchanged"
+    );
+    let failed = finished(&recs, "failed");
+    assert_eq!(failed.len(), 1, "the interrupted trial is marked failed");
+    assert!(failed[0]["note"].as_str().unwrap().contains("died"));
+    let trials: Vec<u64> = after.iter().map(|r| r["trial"].as_u64().unwrap()).collect();
+    let mut unique = trials.clone();
+    unique.dedup();
+    assert_eq!(trials, unique, "no trial is repeated");
+}
+
+#[test]
+fn median_pruning_cuts_epochs_and_keeps_the_best() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full/journal.jsonl");
+    let pruned = tmp.path().join("pruned/journal.jsonl");
+    assert!(tune(&full, &[]).0);
+    assert!(tune(&pruned, &["--set", "tune.pruner=\"median\""]).0);
+    let epochs = |j: &PathBuf| records(j).iter().filter(|r| r["op"] == "report").count();
+    let best = |j: &PathBuf| {
+        finished(&records(j), "complete")
+            .iter()
+            .map(|r| r["value"].as_f64().unwrap())
+            .fold(f64::MIN, f64::max)
+    };
+    let (e_full, e_pruned) = (epochs(&full), epochs(&pruned));
+    assert_eq!(e_full, 30 * 20);
+    assert!(
+        e_pruned * 10 <= e_full * 7,
+        "pruning kept {e_pruned} of {e_full} epochs"
+    );
+    assert!(
+        best(&pruned) >= best(&full) - 0.005,
+        "{} vs {}",
+        best(&pruned),
+        best(&full)
+    );
+    assert!(!finished(&records(&pruned), "pruned").is_empty());
+}
+
+#[test]
+fn bad_search_spaces_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("x/journal.jsonl");
+    let cases: &[(&str, &str)] = &[
+        (
+            "tune.space.\"optim.lr\"={ float = [0.1, 0.1] }",
+            "\"optim.lr\": the range is empty",
+        ),
+        (
+            "tune.space.\"optim.lr\"={ float = [0.1, 0.01] }",
+            "\"optim.lr\": low 0.1 > high 0.01",
+        ),
+        (
+            "tune.space.\"optim.lr\"={ float = [0.0, 0.1], log = true }",
+            "log = true needs low > 0",
+        ),
+        (
+            "tune.space.\"optim.lrr\"={ float = [0.001, 0.1] }",
+            "did you mean `lr`?",
+        ),
+        (
+            "tune.metric=\"eval_acc\"",
+            "is not a metric the trainer reports",
+        ),
+    ];
+    for (set, want) in cases {
+        let (ok, msg) = tune(&s, &["--set", set]);
+        assert!(!ok, "{set} should fail");
+        assert!(msg.contains(want), "{set}: {msg}");
+        assert_eq!(msg.trim_end().lines().count(), 1, "{msg}");
+    }
+}
