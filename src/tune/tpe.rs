@@ -157,7 +157,13 @@ fn logsumexp(v: &[f64]) -> f64 {
     if m == f64::NEG_INFINITY {
         return m;
     }
-    m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    // Terms below e^-40 relative to the largest change the sum by less than 1e-17 each.
+    m + v
+        .iter()
+        .filter(|&&x| x - m > -40.0)
+        .map(|x| (x - m).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 /// One parameter's kernels in a Parzen estimator.
@@ -343,10 +349,40 @@ impl Parzen {
     /// Log-density (log-mass on grids) of the mixture at each point.
     fn log_pdf(&self, xs: &[BTreeMap<String, f64>]) -> Vec<f64> {
         let log_w: Vec<f64> = self.weights.iter().map(|w| w.ln()).collect();
+        let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
+        // Per numerical parameter and kernel, the constant part of its log-density: the
+        // truncation mass (and, for densities, the normal's normalizer).
+        let norms: Vec<Vec<f64>> = self
+            .params
+            .iter()
+            .map(|(_, kern)| match kern {
+                Kernels::Numerical {
+                    mus,
+                    sigmas,
+                    low,
+                    high,
+                    step,
+                    log,
+                } => {
+                    let (a, b) = adapted_bounds(*low, *high, *step, *log);
+                    mus.iter()
+                        .zip(sigmas)
+                        .map(|(&mu, &sg)| {
+                            let log_z = log_diff_ndtr((a - mu) / sg, (b - mu) / sg);
+                            match step {
+                                Some(_) => log_z,
+                                None => log_z + half_log_2pi + sg.ln(),
+                            }
+                        })
+                        .collect()
+                }
+                Kernels::Categorical { .. } => Vec::new(),
+            })
+            .collect();
         xs.iter()
             .map(|x| {
                 let mut per_kernel = log_w.clone();
-                for (name, kern) in &self.params {
+                for ((name, kern), norm) in self.params.iter().zip(&norms) {
                     let v = x[name];
                     match kern {
                         Kernels::Categorical { probs } => {
@@ -357,31 +393,28 @@ impl Parzen {
                         Kernels::Numerical {
                             mus,
                             sigmas,
-                            low,
-                            high,
-                            step,
+                            step: Some(s),
                             log,
+                            ..
                         } => {
-                            let (a, b) = adapted_bounds(*low, *high, *step, *log);
-                            let (l, r) = match step {
-                                Some(s) => {
-                                    (transform(v - s / 2.0, *log), transform(v + s / 2.0, *log))
-                                }
-                                None => (transform(v, *log), 0.0),
-                            };
+                            let (l, r) =
+                                (transform(v - s / 2.0, *log), transform(v + s / 2.0, *log));
                             for (k, pk) in per_kernel.iter_mut().enumerate() {
                                 let (mu, sg) = (mus[k], sigmas[k]);
-                                let log_z = log_diff_ndtr((a - mu) / sg, (b - mu) / sg);
-                                let lp = match step {
-                                    Some(_) => log_diff_ndtr((l - mu) / sg, (r - mu) / sg),
-                                    None => {
-                                        let z = (l - mu) / sg;
-                                        -0.5 * z * z
-                                            - 0.5 * (2.0 * std::f64::consts::PI).ln()
-                                            - sg.ln()
-                                    }
-                                };
-                                *pk += lp - log_z;
+                                *pk += log_diff_ndtr((l - mu) / sg, (r - mu) / sg) - norm[k];
+                            }
+                        }
+                        Kernels::Numerical {
+                            mus,
+                            sigmas,
+                            step: None,
+                            log,
+                            ..
+                        } => {
+                            let l = transform(v, *log);
+                            for (k, pk) in per_kernel.iter_mut().enumerate() {
+                                let z = (l - mus[k]) / sigmas[k];
+                                *pk += -0.5 * z * z - norm[k];
                             }
                         }
                     }

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""wick's TPE against Optuna's TPESampler (default settings), in one run.
+
+1. Quality: Branin (2-D, min 0.397887) and Hartmann6 (6-D, min -3.32237), 100 trials x 20
+   seeds each; the median over seeds of the best value after 25, 50 and 100 trials.
+2. Overhead: a study of N trials (N = 100, 500, 1000) of a trivial objective x^2 + y^2; the
+   mean time per trial (ask, two suggest_float, tell) over the last 50 trials, i.e. the
+   sampler's cost at that study size.
+
+wick runs through its library API (`cargo run --release --example tpe_bench`). Run from the
+repository root with a Python that has optuna (benches/compare/requirements.txt):
+
+    python benches/compare/tpe_quality.py [--json]
+"""
+import argparse
+import json
+import math
+import subprocess
+import time
+
+import numpy as np
+import optuna
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+A = np.array([[10, 3, 17, 3.5, 1.7, 8], [0.05, 10, 17, 0.1, 8, 14], [3, 3.5, 1.7, 10, 17, 8], [17, 8, 0.05, 10, 0.1, 14]])
+P = np.array([[0.1312, 0.1696, 0.5569, 0.0124, 0.8283, 0.5886], [0.2329, 0.4135, 0.8307, 0.3736, 0.1004, 0.9991],
+              [0.2348, 0.1451, 0.3522, 0.2883, 0.3047, 0.6650], [0.4047, 0.8828, 0.8732, 0.5743, 0.1091, 0.0381]])
+ALPHA = np.array([1.0, 1.2, 3.0, 3.2])
+
+
+def branin(x):
+    x1, x2 = x
+    b, c, t = 5.1 / (4 * math.pi ** 2), 5 / math.pi, 1 / (8 * math.pi)
+    return (x2 - b * x1 ** 2 + c * x1 - 6) ** 2 + 10 * (1 - t) * math.cos(x1) + 10
+
+
+def hartmann6(x):
+    x = np.asarray(x)
+    return float(-np.sum(ALPHA * np.exp(-np.sum(A * (x - P) ** 2, axis=1))))
+
+
+PROBLEMS = {"branin": (branin, [(-5, 10), (0, 15)]), "hartmann6": (hartmann6, [(0, 1)] * 6)}
+
+
+def optuna_curve(f, bounds, seed, n=100):
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(lambda t: f([t.suggest_float(f"x{i}", lo, hi) for i, (lo, hi) in enumerate(bounds)]), n_trials=n)
+    return np.minimum.accumulate([t.value for t in study.trials])
+
+
+def optuna_overhead(n):
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        trial = study.ask()
+        x = trial.suggest_float("x", -10, 10)
+        y = trial.suggest_float("y", -10, 10)
+        study.tell(trial, x * x + y * y)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.mean(times[-50:]))
+
+
+def wick(*args):
+    out = subprocess.run(["cargo", "run", "--release", "--quiet", "--example", "tpe_bench", "--", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seeds", type=int, default=20)
+    args = ap.parse_args()
+    res = {"optuna_version": optuna.__version__, "quality": {}, "overhead_ms_per_trial": {}}
+    w = wick("quality")
+    for name, (f, bounds) in PROBLEMS.items():
+        curves = np.array([optuna_curve(f, bounds, s) for s in range(args.seeds)])
+        res["quality"][name] = {
+            "optuna": {str(k): float(np.median(curves[:, k - 1])) for k in (25, 50, 100)},
+            "wick": w[name],
+        }
+    for n in (100, 500, 1000):
+        res["overhead_ms_per_trial"][str(n)] = {"optuna": optuna_overhead(n), "wick": wick("overhead", str(n))["ms_per_trial_last50"]}
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"optuna {optuna.__version__}, TPESampler defaults; wick TpeSampler::new(); {args.seeds} seeds")
+    print(f"{'problem':<10} {'trials':>6} {'optuna median best':>20} {'wick median best':>18}")
+    for name, q in res["quality"].items():
+        for k in ("25", "50", "100"):
+            print(f"{name:<10} {k:>6} {q['optuna'][k]:>20.5f} {q['wick'][k]:>18.5f}")
+    print(f"{'study size':>10} {'optuna ms/trial':>16} {'wick ms/trial':>14} {'ratio':>7}")
+    for n, o in res["overhead_ms_per_trial"].items():
+        print(f"{n:>10} {o['optuna']:>16.3f} {o['wick']:>14.3f} {o['optuna'] / o['wick']:>6.1f}x")
+
+
+if __name__ == "__main__":
+    main()

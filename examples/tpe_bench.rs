@@ -1,0 +1,131 @@
+//! wick's TPE through the library API, for `benches/compare/tpe_quality.py`:
+//!
+//! - `quality`: Branin (2-D) and Hartmann6 (6-D), 100 trials × 20 seeds; prints the median best
+//!   value after 25, 50 and 100 trials as JSON;
+//! - `overhead N`: a study of N trials of a trivial objective; prints the sampler's mean time
+//!   per trial over the last 50 trials (the cost at that study size) and over all trials.
+
+use std::time::Instant;
+
+use wick::tune::{Direction, Study, TpeSampler};
+
+fn branin(x: &[f64]) -> f64 {
+    let pi = std::f64::consts::PI;
+    let (x1, x2) = (x[0], x[1]);
+    let b = 5.1 / (4.0 * pi * pi);
+    let c = 5.0 / pi;
+    let t = 1.0 / (8.0 * pi);
+    (x2 - b * x1 * x1 + c * x1 - 6.0).powi(2) + 10.0 * (1.0 - t) * x1.cos() + 10.0
+}
+
+fn hartmann6(x: &[f64]) -> f64 {
+    const A: [[f64; 6]; 4] = [
+        [10.0, 3.0, 17.0, 3.5, 1.7, 8.0],
+        [0.05, 10.0, 17.0, 0.1, 8.0, 14.0],
+        [3.0, 3.5, 1.7, 10.0, 17.0, 8.0],
+        [17.0, 8.0, 0.05, 10.0, 0.1, 14.0],
+    ];
+    const P: [[f64; 6]; 4] = [
+        [0.1312, 0.1696, 0.5569, 0.0124, 0.8283, 0.5886],
+        [0.2329, 0.4135, 0.8307, 0.3736, 0.1004, 0.9991],
+        [0.2348, 0.1451, 0.3522, 0.2883, 0.3047, 0.6650],
+        [0.4047, 0.8828, 0.8732, 0.5743, 0.1091, 0.0381],
+    ];
+    const ALPHA: [f64; 4] = [1.0, 1.2, 3.0, 3.2];
+    -(0..4)
+        .map(|i| {
+            let s: f64 = (0..6).map(|j| A[i][j] * (x[j] - P[i][j]).powi(2)).sum();
+            ALPHA[i] * (-s).exp()
+        })
+        .sum::<f64>()
+}
+
+/// Best-so-far values after each trial.
+fn run(f: fn(&[f64]) -> f64, bounds: &[(f64, f64)], seed: u64, n: usize) -> Vec<f64> {
+    let mut study = Study::with_seed(Direction::Minimize, Box::new(TpeSampler::new()), None, seed);
+    study
+        .optimize(n, |t| {
+            let x: Vec<f64> = bounds
+                .iter()
+                .enumerate()
+                .map(|(i, &(lo, hi))| t.suggest_float(&format!("x{i}"), lo, hi, false))
+                .collect::<Result<_, _>>()?;
+            Ok(f(&x))
+        })
+        .unwrap();
+    let mut best = f64::INFINITY;
+    study
+        .trials
+        .iter()
+        .map(|t| {
+            best = best.min(t.value.unwrap_or(f64::INFINITY));
+            best
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("overhead") => {
+            let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            let mut study =
+                Study::with_seed(Direction::Minimize, Box::new(TpeSampler::new()), None, 0);
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t0 = Instant::now();
+                let mut t = study.ask();
+                let x = t.suggest_float("x", -10.0, 10.0, false).unwrap();
+                let y = t.suggest_float("y", -10.0, 10.0, false).unwrap();
+                drop(t);
+                // A trivial objective, told through the same path as `optimize`.
+                let v = x * x + y * y;
+                let last = study.trials.last_mut().unwrap();
+                last.state = wick::tune::TrialState::Complete;
+                last.value = Some(v);
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            let tail = &times[n.saturating_sub(50)..];
+            println!(
+                "{}",
+                serde_json::json!({
+                    "framework": "wick",
+                    "trials": n,
+                    "ms_per_trial_last50": 1e3 * tail.iter().sum::<f64>() / tail.len() as f64,
+                    "ms_per_trial_mean": 1e3 * times.iter().sum::<f64>() / n as f64,
+                })
+            );
+        }
+        _ => {
+            let problems: [(&str, fn(&[f64]) -> f64, Vec<(f64, f64)>); 2] = [
+                ("branin", branin, vec![(-5.0, 10.0), (0.0, 15.0)]),
+                ("hartmann6", hartmann6, vec![(0.0, 1.0); 6]),
+            ];
+            let mut out = serde_json::Map::new();
+            for (name, f, bounds) in problems {
+                let off: u64 = std::env::var("TPE_SEED_OFFSET")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let curves: Vec<Vec<f64>> =
+                    (off..off + 20).map(|s| run(f, &bounds, s, 100)).collect();
+                let at = |k: usize| median(curves.iter().map(|c| c[k - 1]).collect());
+                out.insert(
+                    name.into(),
+                    serde_json::json!({"25": at(25), "50": at(50), "100": at(100)}),
+                );
+            }
+            println!("{}", serde_json::Value::Object(out));
+        }
+    }
+}
