@@ -9,6 +9,9 @@ use std::time::Instant;
 
 use wick::tune::{Direction, Study, TpeSampler};
 
+/// A named test function and its box bounds.
+type Problem = (&'static str, fn(&[f64]) -> f64, Vec<(f64, f64)>);
+
 fn branin(x: &[f64]) -> f64 {
     let pi = std::f64::consts::PI;
     let (x1, x2) = (x[0], x[1]);
@@ -107,7 +110,7 @@ fn main() {
             );
         }
         _ => {
-            let problems: [(&str, fn(&[f64]) -> f64, Vec<(f64, f64)>); 2] = [
+            let problems: [Problem; 2] = [
                 ("branin", branin, vec![(-5.0, 10.0), (0.0, 15.0)]),
                 ("hartmann6", hartmann6, vec![(0.0, 1.0); 6]),
             ];
