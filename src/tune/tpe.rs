@@ -379,10 +379,19 @@ impl Parzen {
                 Kernels::Categorical { .. } => Vec::new(),
             })
             .collect();
+        let inv_sigmas: Vec<Vec<f64>> = self
+            .params
+            .iter()
+            .map(|(_, kern)| match kern {
+                Kernels::Numerical { sigmas, .. } => sigmas.iter().map(|s| 1.0 / s).collect(),
+                Kernels::Categorical { .. } => Vec::new(),
+            })
+            .collect();
+        let mut per_kernel = log_w.clone();
         xs.iter()
             .map(|x| {
-                let mut per_kernel = log_w.clone();
-                for ((name, kern), norm) in self.params.iter().zip(&norms) {
+                per_kernel.copy_from_slice(&log_w);
+                for (((name, kern), norm), inv) in self.params.iter().zip(&norms).zip(&inv_sigmas) {
                     let v = x[name];
                     match kern {
                         Kernels::Categorical { probs } => {
@@ -406,15 +415,16 @@ impl Parzen {
                         }
                         Kernels::Numerical {
                             mus,
-                            sigmas,
                             step: None,
                             log,
                             ..
                         } => {
                             let l = transform(v, *log);
-                            for (k, pk) in per_kernel.iter_mut().enumerate() {
-                                let z = (l - mus[k]) / sigmas[k];
-                                *pk += -0.5 * z * z - norm[k];
+                            for (((pk, &mu), &iv), &nm) in
+                                per_kernel.iter_mut().zip(mus).zip(inv).zip(norm)
+                            {
+                                let z = (l - mu) * iv;
+                                *pk -= 0.5 * z * z + nm;
                             }
                         }
                     }
