@@ -186,10 +186,15 @@ impl std::fmt::Display for TrialError {
 /// A set of trials optimizing one objective.
 pub struct Study {
     pub direction: Direction,
+    /// The trials, in number order. Append only (through [`Study::ask`]); a finished trial is
+    /// not changed afterwards.
     pub trials: Vec<FrozenTrial>,
     sampler: Box<dyn Sampler>,
     pruner: Option<Box<dyn Pruner>>,
     seed: u64,
+    /// The intersection search space of the finished trials before `space_upto`.
+    space: Option<BTreeMap<String, Distribution>>,
+    space_upto: usize,
 }
 
 /// A trial in progress: suggests parameters and reports intermediate values.
@@ -224,14 +229,35 @@ impl Study {
             sampler,
             pruner,
             seed,
+            space: None,
+            space_upto: 0,
         }
+    }
+
+    /// The parameters (with identical distributions) present in every finished trial,
+    /// updated incrementally up to the first trial still running.
+    fn intersection_space(&mut self) -> BTreeMap<String, Distribution> {
+        while let Some(t) = self.trials.get(self.space_upto) {
+            match t.state {
+                TrialState::Running => break,
+                TrialState::Failed => {}
+                TrialState::Complete | TrialState::Pruned => match &mut self.space {
+                    None => self.space = Some(t.distributions.clone()),
+                    Some(s) => s.retain(|k, d| t.distributions.get(k) == Some(d)),
+                },
+            }
+            self.space_upto += 1;
+        }
+        let mut space = self.space.clone().unwrap_or_default();
+        space.retain(|_, d| !d.single());
+        space
     }
 
     /// Starts the next trial.
     pub fn ask(&mut self) -> Trial<'_> {
         let number = self.trials.len();
         let mut rng = Rng::keyed(self.seed, "trial", number as u64);
-        let space = intersection_space(&self.trials);
+        let space = self.intersection_space();
         let relative = if space.is_empty() {
             BTreeMap::new()
         } else {
@@ -295,22 +321,6 @@ impl Study {
     pub fn best_value(&self) -> Option<f64> {
         self.best_trial().and_then(|t| t.value)
     }
-}
-
-/// Parameters (with identical distributions) present in every finished trial.
-fn intersection_space(trials: &[FrozenTrial]) -> BTreeMap<String, Distribution> {
-    let mut done = trials
-        .iter()
-        .filter(|t| matches!(t.state, TrialState::Complete | TrialState::Pruned));
-    let Some(first) = done.next() else {
-        return BTreeMap::new();
-    };
-    let mut space = first.distributions.clone();
-    for t in done {
-        space.retain(|k, d| t.distributions.get(k) == Some(d));
-    }
-    space.retain(|_, d| !d.single());
-    space
 }
 
 impl Trial<'_> {
