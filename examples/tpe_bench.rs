@@ -45,7 +45,13 @@ fn hartmann6(x: &[f64]) -> f64 {
 
 /// Best-so-far values after each trial.
 fn run(f: fn(&[f64]) -> f64, bounds: &[(f64, f64)], seed: u64, n: usize) -> Vec<f64> {
-    let mut study = Study::with_seed(Direction::Minimize, Box::new(TpeSampler::new()), None, seed);
+    // TPE_UNIVARIATE=1 compares with Optuna's `TPESampler(multivariate=False)`.
+    let sampler = if std::env::var("TPE_UNIVARIATE").is_ok_and(|v| v == "1") {
+        TpeSampler::univariate()
+    } else {
+        TpeSampler::new()
+    };
+    let mut study = Study::with_seed(Direction::Minimize, Box::new(sampler), None, seed);
     study
         .optimize(n, |t| {
             let x: Vec<f64> = bounds
