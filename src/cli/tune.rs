@@ -1,5 +1,6 @@
 //! `wick tune`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -120,6 +121,17 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
     }
     let started = std::time::Instant::now();
     let n = tr.tune.n_trials;
+    // A bar (trials done, best so far, ETA) on a terminal; a line per trial otherwise.
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(n as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} trials [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
     let result = tr.work(0, &mut |t, all| {
         if quiet {
             return;
@@ -131,10 +143,8 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         let best = best(&tr, all)
             .map(|b| format!("best {:.4} (trial {})", b.value.unwrap(), b.number))
             .unwrap_or_default();
-        let eta = started.elapsed().as_secs_f64() / finished.max(1) as f64
-            * (n.saturating_sub(finished)) as f64;
-        eprintln!(
-            "[{finished}/{n}] trial {} {:?} {} = {} in {:.1}s; {best}; ETA {eta:.0}s",
+        let line = format!(
+            "trial {} {:?} {} = {} in {:.1}s",
             t.number,
             t.state,
             tr.metric,
@@ -143,7 +153,22 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             t.duration_s,
         );
+        match &bar {
+            Some(b) => {
+                b.set_position(finished as u64);
+                b.set_message(best);
+                b.println(line);
+            }
+            None => {
+                let eta = started.elapsed().as_secs_f64() / finished.max(1) as f64
+                    * (n.saturating_sub(finished)) as f64;
+                eprintln!("[{finished}/{n}] {line}; {best}; ETA {eta:.0}s");
+            }
+        }
     });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     for mut c in children {
         let _ = c.wait();
     }
