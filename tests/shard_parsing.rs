@@ -51,7 +51,7 @@ proptest! {
             }
             let y: Vec<u8> = r.flat_map(|i| (i as i64 % 2).to_le_bytes()).collect();
             Ok(vec![Column::Fixed(x), Column::Var { data, offsets }, Column::Fixed(y)])
-        }, |_| ()).unwrap();
+        }, &|_, _| ()).unwrap();
         let mut m = Manifest::new(fields, shards.clone(), "test");
         m.label = Some("label".into());
         m.write(&dir).unwrap();
@@ -99,7 +99,7 @@ fn gathering_is_identical_with_1_and_2_threads() {
             let y: Vec<u8> = r.flat_map(|i| (i as i64 % 3).to_le_bytes()).collect();
             Ok(vec![Column::Fixed(x), Column::Fixed(y)])
         },
-        |_| (),
+        &|_, _| (),
     )
     .unwrap();
     let mut m = Manifest::new(fields, shards, "test");

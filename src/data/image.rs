@@ -302,7 +302,6 @@ pub fn pack_image_folder(
             root.display()
         )));
     }
-    let n = files.len();
     // Read (and if asked, decode) every file in parallel; the order stays that of `files`.
     let payloads: Vec<Vec<u8>> = files
         .par_iter()
@@ -348,7 +347,6 @@ pub fn pack_image_folder(
         ],
     };
     let ranges = plan_shards(payloads.iter().map(|p| p.len() as u64 + 8), shard_bytes);
-    let done = std::sync::atomic::AtomicUsize::new(0);
     let shards = write_shards(
         out,
         &fields,
@@ -372,12 +370,7 @@ pub fn pack_image_folder(
             };
             Ok(vec![x, Column::Fixed(y)])
         },
-        |k| {
-            progress(
-                done.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k,
-                n,
-            )
-        },
+        progress,
     )?;
     let mut m = Manifest::new(fields, shards, &format!("image folder: {}", root.display()));
     m.label = Some("label".into());

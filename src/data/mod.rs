@@ -104,13 +104,9 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
     };
     let dim = train.dim();
     let stats = norm.cloned();
-    let manifests = [
-        Some(cfg.path.join(shard::MANIFEST)),
-        cfg.test_path.as_ref().map(|p| p.join(shard::MANIFEST)),
-    ];
     let schema = Schema {
         modality: "tabular".into(),
-        data_hash: table::fingerprint(&[manifests[0].as_ref(), manifests[1].as_ref()])?,
+        data_hash: shards_fingerprint(cfg, None)?,
         features: if m.feature_names.len() == dim {
             m.feature_names.clone()
         } else {
@@ -198,13 +194,7 @@ fn open_images(
         features: vec![format!("{input}[{c}x{h}x{w}]")],
         input_dim: train.dim(),
         modality: "image".into(),
-        data_hash: table::fingerprint(&[
-            Some(&cfg.path.join(shard::MANIFEST)),
-            cfg.test_path
-                .as_ref()
-                .map(|p| p.join(shard::MANIFEST))
-                .as_ref(),
-        ])?,
+        data_hash: shards_fingerprint(cfg, None)?,
         label: label.to_string(),
         task: Task::Classification,
         classes: m.classes.clone(),
@@ -244,14 +234,7 @@ fn open_text(
         features: vec![input.to_string()],
         input_dim: cfg.max_len,
         modality: "text".into(),
-        data_hash: table::fingerprint(&[
-            Some(&cfg.path.join(shard::MANIFEST)),
-            cfg.test_path
-                .as_ref()
-                .map(|p| p.join(shard::MANIFEST))
-                .as_ref(),
-            Some(path),
-        ])?,
+        data_hash: shards_fingerprint(cfg, Some(path))?,
         label: label.to_string(),
         task: Task::Classification,
         classes: m.classes.clone(),
@@ -268,6 +251,14 @@ fn open_text(
         None => None,
     };
     pair(train, eval, cfg, seed, schema)
+}
+
+/// The fingerprint of shard datasets: their manifests (which hold every shard's checksum),
+/// plus `extra` (a tokenizer file).
+fn shards_fingerprint(cfg: &DataConfig, extra: Option<&std::path::PathBuf>) -> Result<String> {
+    let train = cfg.path.join(shard::MANIFEST);
+    let test = cfg.test_path.as_ref().map(|p| p.join(shard::MANIFEST));
+    table::fingerprint(&[Some(&train), test.as_ref(), extra])
 }
 
 /// A seeded train/eval split of `n` samples (sorted index lists).

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -150,7 +149,6 @@ pub fn pack_idx(
     ];
     let per = (h * w + 8) as u64;
     let ranges = plan_shards(std::iter::repeat_n(per, n), shard_bytes);
-    let done = AtomicUsize::new(0);
     let shards = write_shards(
         out,
         &fields,
@@ -163,7 +161,7 @@ pub fn pack_idx(
                 .collect();
             Ok(vec![Column::Fixed(img), Column::Fixed(lab)])
         },
-        |k| progress(done.fetch_add(k, Ordering::Relaxed) + k, n),
+        progress,
     )?;
     let mut m = Manifest::new(
         fields,
@@ -303,7 +301,6 @@ pub fn pack_csv(
         },
     ];
     let ranges = plan_shards(std::iter::repeat_n((d * 4 + 8) as u64, n), shard_bytes);
-    let done = AtomicUsize::new(0);
     let shards = write_shards(
         out,
         &fields,
@@ -317,7 +314,7 @@ pub fn pack_csv(
             let y: Vec<u8> = y_bytes[r].iter().flatten().copied().collect();
             Ok(vec![Column::Fixed(x), Column::Fixed(y)])
         },
-        |k| progress(done.fetch_add(k, Ordering::Relaxed) + k, n),
+        progress,
     )?;
     // Per-feature mean / population std (f64, sequential: deterministic).
     let mut mean = vec![0f64; d];
@@ -444,9 +441,7 @@ pub fn pack_text(
         Field::variable("text", Dtype::U8, "text"),
         Field::fixed("label", Dtype::I64, &[], "label"),
     ];
-    let n = rows.len();
     let ranges = plan_shards(rows.iter().map(|(t, _)| t.len() as u64 + 16), shard_bytes);
-    let done = AtomicUsize::new(0);
     let shards = write_shards(
         out,
         &fields,
@@ -464,7 +459,7 @@ pub fn pack_text(
                 .collect();
             Ok(vec![Column::Var { data, offsets }, Column::Fixed(y)])
         },
-        |k| progress(done.fetch_add(k, Ordering::Relaxed) + k, n),
+        progress,
     )?;
     let mut m = Manifest::new(fields, shards, &format!("text: {}", path.display()));
     m.label = Some("label".into());

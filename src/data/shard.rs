@@ -303,16 +303,17 @@ pub fn shard_bytes(fields: &[Field], n: usize, cols: Vec<Column>) -> Result<Vec<
 }
 
 /// Writes shards in parallel: `build(range)` returns the columns of samples `range`; each
-/// shard is serialized, hashed and written atomically by a rayon worker. `on_done(samples)` is
-/// called as shards complete (for progress bars).
+/// shard is serialized, hashed and written atomically by a rayon worker. `progress(done, total)`
+/// is called with the samples written so far as shards complete (for progress bars).
 pub fn write_shards(
     dir: &Path,
     fields: &[Field],
     ranges: &[Range<usize>],
     build: impl Fn(Range<usize>) -> Result<Vec<Column>> + Sync,
-    on_done: impl Fn(usize) + Sync,
+    progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<Vec<ShardInfo>> {
     use rayon::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     if dir.join(MANIFEST).exists() {
         return Err(Error::Data(format!(
             "{}: already holds a packed dataset; remove it or choose another --out",
@@ -320,6 +321,8 @@ pub fn write_shards(
         )));
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let total = ranges.last().map(|r| r.end).unwrap_or(0);
+    let done = AtomicUsize::new(0);
     ranges
         .par_iter()
         .enumerate()
@@ -328,7 +331,7 @@ pub fn write_shards(
             let bytes = shard_bytes(fields, r.len(), cols)?;
             let file = format!("shard-{k:05}.safetensors");
             write_atomic(&dir.join(&file), &bytes)?;
-            on_done(r.len());
+            progress(done.fetch_add(r.len(), Ordering::Relaxed) + r.len(), total);
             Ok(ShardInfo {
                 file,
                 samples: r.len() as u64,

@@ -48,7 +48,7 @@ pub fn ensure(
             }
             Ok(vec![Column::Fixed(x), Column::Fixed(y)])
         },
-        |_| (),
+        &|_, _| (),
     )?;
     let mut m = Manifest::new(fields, shards, "synthetic");
     m.label = Some("label".into());
