@@ -41,6 +41,7 @@
 //! assert_eq!(names, ["fc.bias", "fc.weight"]);
 //! ```
 
+pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod data;

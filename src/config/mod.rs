@@ -224,6 +224,16 @@ impl Default for DataConfig {
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     Mlp,
+    Resnet,
+}
+
+/// ResNet depths (torchvision's layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResnetArch {
+    Resnet18,
+    Resnet34,
+    Resnet50,
 }
 
 /// Activation functions for the MLP.
@@ -241,11 +251,33 @@ pub enum Activation {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     pub kind: ModelKind,
-    /// Hidden layer widths, e.g. `[256, 256]`.
+    /// MLP: hidden layer widths, e.g. `[256, 256]`.
     pub hidden: Vec<usize>,
     pub activation: Activation,
-    /// Dropout probability after each hidden activation.
+    /// MLP: dropout probability after each hidden activation. ResNet: dropout before the head.
     pub dropout: f32,
+    /// ResNet: depth.
+    pub arch: ResnetArch,
+    /// ResNet: channels of the first stage (torchvision: 64). Narrower networks train faster.
+    pub width: usize,
+    /// ResNet: outputs of the new head. Default: the number of classes in the data.
+    pub num_classes: Option<usize>,
+    /// ResNet: a hidden layer in the head (`fc.0` → ReLU → dropout → `fc.3`), or none (`fc`).
+    pub head_hidden: Option<usize>,
+    /// ResNet: pretrained weights: a safetensors or torchvision `.pth` file, a wick run
+    /// directory, or `hf:REPO` (Hugging Face Hub, cached). The head is always new.
+    pub pretrained: Option<String>,
+    /// ResNet: `"none"`, `"backbone"` (everything but the head) or `"until:layerN"`
+    /// (the stem and stages 1..N).
+    pub freeze: String,
+    /// ResNet: channels of the stem. Default: those of the pretrained `conv1.weight`, else those
+    /// of the data. Grayscale input to a 3-channel stem is replicated.
+    pub in_channels: Option<usize>,
+    /// Shape `[channels, height, width]` of each sample when the data is a flat feature vector
+    /// (e.g. `[1, 28, 28]` for MNIST pixels in a CSV). Image shards know their shape.
+    pub input_shape: Option<Vec<usize>>,
+    /// ResNet: how many of the four stages to keep (the head reads the last one kept).
+    pub stages: usize,
 }
 
 impl Default for ModelConfig {
@@ -255,6 +287,15 @@ impl Default for ModelConfig {
             hidden: vec![128],
             activation: Activation::Relu,
             dropout: 0.0,
+            arch: ResnetArch::Resnet18,
+            width: 64,
+            num_classes: None,
+            head_hidden: None,
+            pretrained: None,
+            freeze: "none".into(),
+            in_channels: None,
+            input_shape: None,
+            stages: 4,
         }
     }
 }
@@ -396,6 +437,9 @@ pub struct TrainConfig {
     pub drop_last: bool,
     /// Log a progress line every N optimizer steps when stderr is not a terminal.
     pub log_every: usize,
+    /// With a frozen backbone and no random augmentation, compute the backbone's features
+    /// once per sample and train the head on that cache.
+    pub cache_features: bool,
 }
 
 impl Default for TrainConfig {
@@ -411,6 +455,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             drop_last: false,
             log_every: 50,
+            cache_features: true,
         }
     }
 }

@@ -99,6 +99,67 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "positive layer widths, e.g. [128, 64]",
         );
     }
+    if m.width == 0 || m.width > 4096 {
+        return bad(
+            "model.width",
+            m.width.to_string(),
+            "a channel count from 1 to 4096, e.g. 64",
+        );
+    }
+    if !(1..=4).contains(&m.stages) {
+        return bad(
+            "model.stages",
+            m.stages.to_string(),
+            "1 to 4 (ResNet stages to keep)",
+        );
+    }
+    if m.num_classes == Some(0) {
+        return bad("model.num_classes", "0".into(), "at least 1 output");
+    }
+    if m.head_hidden == Some(0) {
+        return bad(
+            "model.head_hidden",
+            "0".into(),
+            "a positive width, e.g. 256",
+        );
+    }
+    if !matches!(m.in_channels, None | Some(1) | Some(3)) {
+        return bad(
+            "model.in_channels",
+            format!("{:?}", m.in_channels.unwrap_or(0)),
+            "1 (grayscale) or 3 (RGB)",
+        );
+    }
+    if let Some(s) = &m.input_shape {
+        if s.len() != 3 || s.contains(&0) {
+            return bad(
+                "model.input_shape",
+                format!("{s:?}"),
+                "[channels, height, width], e.g. [1, 28, 28]",
+            );
+        }
+    }
+    if crate::model::resnet::Freeze::parse(&m.freeze).is_none() {
+        return bad(
+            "model.freeze",
+            format!("{:?}", m.freeze),
+            "\"none\", \"backbone\" or \"until:layer1\" .. \"until:layer4\"",
+        );
+    }
+    if let Some(p) = m.pretrained.clone() {
+        if p.is_empty() {
+            return bad(
+                "model.pretrained",
+                "\"\"".into(),
+                "a weights file, a run directory or hf:REPO",
+            );
+        }
+        if !p.starts_with("hf:") {
+            let r = resolve(origin, "model.pretrained", Path::new(&p), base)?;
+            cfg.model.pretrained = Some(r.display().to_string());
+        }
+    }
+    let m = &cfg.model;
     if !(0.0..1.0).contains(&m.dropout) {
         return bad(
             "model.dropout",
@@ -275,7 +336,8 @@ fn resolve(origin: &str, key: &str, p: &Path, base: &Path) -> Result<PathBuf> {
         vec![cwd.join(p), base.join(p)]
     };
     for c in &candidates {
-        if c.is_file() || c.join(crate::data::shard::MANIFEST).is_file() {
+        let run_dir = key == "model.pretrained" && c.join("config.toml").is_file();
+        if c.is_file() || c.join(crate::data::shard::MANIFEST).is_file() || run_dir {
             let abs = c.canonicalize().unwrap_or_else(|_| c.clone());
             if abs.to_str().is_none() {
                 return Err(Error::Config(format!(

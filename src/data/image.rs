@@ -249,6 +249,10 @@ impl Source for ImageSource {
         })
     }
 
+    fn augments(&self) -> bool {
+        self.cfg.random_crop || self.cfg.hflip
+    }
+
     fn targets(&self) -> Result<Targets> {
         Ok(Targets::Classes(
             (0..self.len())

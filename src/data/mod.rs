@@ -105,6 +105,10 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
     let dim = train.dim();
     let stats = norm.cloned();
     let schema = Schema {
+        input_shape: m
+            .field(&input)
+            .and_then(|f| f.shape.clone())
+            .unwrap_or_default(),
         modality: "tabular".into(),
         data_hash: shards_fingerprint(cfg, None)?,
         features: if m.feature_names.len() == dim {
@@ -191,6 +195,7 @@ fn open_images(
     let train = image::ImageSource::new(set, input, label, cfg.image.clone())?;
     let [c, h, w] = train.shape();
     let schema = Schema {
+        input_shape: vec![c, h, w],
         features: vec![format!("{input}[{c}x{h}x{w}]")],
         input_dim: train.dim(),
         modality: "image".into(),
@@ -231,6 +236,7 @@ fn open_text(
     let m = set.manifest.clone();
     let train = text::TextSource::new(set, input, label, tok.clone())?;
     let schema = Schema {
+        input_shape: Vec::new(),
         features: vec![input.to_string()],
         input_dim: cfg.max_len,
         modality: "text".into(),

@@ -45,6 +45,12 @@ pub trait Source: Send + Sync {
     /// Targets of every sample, in index order (for evaluation metrics).
     fn targets(&self) -> Result<Targets>;
 
+    /// Whether [`Self::gather_augmented`] changes samples at random (so that a sample's
+    /// model input differs between epochs).
+    fn augments(&self) -> bool {
+        false
+    }
+
     /// Contiguous index ranges that live together on disk (shards), for the block shuffle;
     /// `None` when the source is in memory.
     fn blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {
@@ -114,6 +120,10 @@ impl Source for Subset {
 
     fn prefetch(&self) -> bool {
         self.inner.prefetch()
+    }
+
+    fn augments(&self) -> bool {
+        self.inner.augments()
     }
 
     fn blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {

@@ -35,6 +35,10 @@ pub struct Schema {
     /// standardization is off).
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    /// Per-sample shape of the input when it has one (`[c, h, w]` for images, the shard
+    /// field's shape for tensors); empty for plain feature vectors.
+    #[serde(default)]
+    pub input_shape: Vec<usize>,
 }
 
 impl Schema {
@@ -384,6 +388,7 @@ pub fn load_split(cfg: &DataConfig, seed: u64) -> Result<(Dataset, Dataset, Sche
     let (task, classes) = resolve_task(&cfg.path, cfg.task, &train_labels)?;
     let d = raw.features.len();
     let mut schema = Schema {
+        input_shape: Vec::new(),
         features: raw.features.clone(),
         label: cfg.csv_label().to_string(),
         input_dim: d,

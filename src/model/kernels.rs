@@ -53,6 +53,8 @@ const PARALLEL_MIN_FLOPS: usize = 1 << 23;
 /// thread or many, so the arithmetic (which the `gemm` crate chooses from each block's shape) is
 /// the same whatever the thread count.
 const ROW_BLOCK: usize = 256;
+/// Output columns per tile in [`gemm_tiled`] when the product has few rows.
+const COL_BLOCK: usize = 128;
 
 /// `dst[m×n]` (row-major, contiguous) `=` or `+=` `A·B`, where `A` is `m×k` and `B` is `k×n`,
 /// each given by a slice and its (row, column) strides, so transposes cost nothing.
@@ -154,6 +156,102 @@ fn gemm_serial(
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// A raw output pointer that tiles of one product share; each tile writes a disjoint region.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: `gemm_tiled` hands every thread a disjoint set of output tiles.
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+impl DstPtr {
+    /// The pointer `off` elements further (a method, so closures capture the whole `DstPtr`).
+    fn at(self, off: usize) -> *mut f32 {
+        self.0.wrapping_add(off)
+    }
+}
+
+/// `dst[i*dst_rs + j]` (`m×n`, row stride `dst_rs ≥ n`) `=` or `+=` `A·B`, with `A` (`m×k`) and
+/// `B` (`k×n`) given by slices and (row, column) strides.
+///
+/// The output is cut into tiles whose shape depends only on `(m, n)`: blocks of [`ROW_BLOCK`]
+/// rows when there are many rows, else column blocks of [`COL_BLOCK`]. Threads only decide who
+/// computes which tile, so the result is the same for any thread count. Convolutions use it:
+/// their products are either tall (`P×Cout`) or wide (`Cout×K`), and both kinds split evenly.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_tiled(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n,
+        "gemm: dst too small"
+    );
+    if k > 0 {
+        let a_last = (m - 1) * a_rs + (k - 1) * a_cs;
+        let b_last = (k - 1) * b_rs + (n - 1) * b_cs;
+        assert!(
+            a_last < a.len() && b_last < b.len(),
+            "gemm: operand too small"
+        );
+    }
+    let (tm, tn) = if m >= 2 * ROW_BLOCK {
+        (ROW_BLOCK, n)
+    } else {
+        (m, COL_BLOCK.min(n))
+    };
+    let (rt, ct) = (m.div_ceil(tm), n.div_ceil(tn));
+    let ptr = DstPtr(dst.as_mut_ptr());
+    let tile = |t: usize| {
+        let (i0, j0) = ((t / ct) * tm, (t % ct) * tn);
+        let (mm, nn) = (tm.min(m - i0), tn.min(n - j0));
+        // SAFETY: operand bounds were checked above for the full product; this tile reads
+        // a sub-block of them and writes rows i0..i0+mm, columns j0..j0+nn of dst, which no
+        // other tile touches.
+        unsafe {
+            gemm::gemm(
+                mm,
+                nn,
+                k,
+                ptr.at(i0 * dst_rs + j0),
+                1,
+                dst_rs as isize,
+                accumulate,
+                a.as_ptr().add(i0 * a_rs),
+                a_cs as isize,
+                a_rs as isize,
+                b.as_ptr().add(j0 * b_cs),
+                b_cs as isize,
+                b_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if rayon::current_num_threads() > 1 && rt * ct > 1 && m * n * k >= PARALLEL_MIN_FLOPS / 4 {
+        use rayon::prelude::*;
+        (0..rt * ct).into_par_iter().for_each(tile);
+    } else {
+        (0..rt * ct).for_each(tile);
     }
 }
 

@@ -6,11 +6,18 @@
 //! override it with a hand-written kernel (the MLP does, on the CPU) as long as it produces
 //! the same gradients.
 
+pub mod act;
+pub mod batchnorm;
+pub mod conv;
 pub mod kernels;
 pub mod mlp;
+pub mod pool;
+pub mod pretrained;
+pub mod resnet;
 mod store;
 
 pub use mlp::Mlp;
+pub use resnet::{Freeze, ResNet, ResNetConfig};
 pub use store::{read_safetensors, tensors_to_safetensors, Param, ParamStore};
 
 use candle_core::{Device, Tensor};
@@ -51,6 +58,7 @@ impl Loss {
 pub struct ModelCtx {
     train: bool,
     rng: Rng,
+    cached: bool,
 }
 
 impl ModelCtx {
@@ -60,6 +68,7 @@ impl ModelCtx {
         Self {
             train: true,
             rng: Rng::keyed(seed, "dropout", key),
+            cached: false,
         }
     }
 
@@ -68,7 +77,20 @@ impl ModelCtx {
         Self {
             train: false,
             rng: Rng::new(0),
+            cached: false,
         }
+    }
+
+    /// Marks the input as cached features (see [`Model::cached_features`]): the model runs
+    /// only the part after them.
+    pub fn with_cached_features(mut self, cached: bool) -> Self {
+        self.cached = cached;
+        self
+    }
+
+    /// Whether the input is cached features rather than raw samples.
+    pub fn features_cached(&self) -> bool {
+        self.cached
     }
 
     pub fn is_train(&self) -> bool {
@@ -122,7 +144,11 @@ impl Grads {
     }
 
     pub fn zero(&mut self) {
-        self.bufs.iter_mut().for_each(|b| b.fill(0.0));
+        use rayon::prelude::*;
+        self.bufs
+            .par_iter_mut()
+            .with_min_len(8)
+            .for_each(|b| b.fill(0.0));
     }
 
     /// The buffer of parameter `name`.
@@ -165,6 +191,20 @@ pub trait Model: Send {
     /// [`ModelCtx::dropout`] for dropout so that runs stay reproducible.
     fn forward(&self, xs: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor>;
 
+    /// A model whose leading part is frozen and deterministic (e.g. a frozen backbone) returns
+    /// the width of that part's output. The trainer then computes [`Model::features`] once per
+    /// sample and trains on the cache, calling `forward` with a context whose
+    /// [`ModelCtx::features_cached`] is set. Default: `None` (no caching).
+    fn cached_features(&self) -> Option<usize> {
+        None
+    }
+
+    /// The frozen part's output for raw inputs `xs` (evaluation mode, no gradient).
+    fn features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _ = xs;
+        candle_core::bail!("this model has no cacheable features")
+    }
+
     /// Adds `scale ×` the gradient of the batch loss to `grads` and returns the loss.
     /// The default runs candle's autograd; override it only with an equivalent kernel.
     fn loss_and_grad(
@@ -193,14 +233,32 @@ pub fn autograd_loss_and_grad<M: Model + ?Sized>(
     let out = model.forward(&batch.x, ctx)?;
     let l = loss.compute(&out, &batch.y)?;
     let gs = l.backward()?;
-    for (p, buf) in params.iter().zip(grads.bufs.iter_mut()) {
-        if let Some(g) = gs.get(p.var.as_tensor()) {
-            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+    let add = |(p, buf): (&Param, &mut Vec<f32>)| -> Result<()> {
+        let Some(g) = gs.get(p.var.as_tensor()) else {
+            return Ok(());
+        };
+        let add = |g: &[f32]| {
+            for (b, v) in buf.iter_mut().zip(g) {
+                *b += scale * v;
+            }
+        };
+        if kernels::with_f32(g, add).is_none() {
+            let g: Vec<f32> = g
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?;
             for (b, v) in buf.iter_mut().zip(g) {
                 *b += scale * v;
             }
         }
-    }
+        Ok(())
+    };
+    use rayon::prelude::*;
+    params
+        .par_iter()
+        .zip(grads.bufs.par_iter_mut())
+        .with_min_len(8)
+        .try_for_each(add)?;
     Ok(l.to_scalar::<f32>()? as f64)
 }
 
@@ -228,5 +286,83 @@ pub fn build(
             .map_err(Error::from)?;
             Ok(Box::new(mlp))
         }
+        ModelKind::Resnet => Ok(Box::new(build_resnet(cfg, schema, seed, device)?)),
     }
+}
+
+/// A ResNet for `schema`'s images, with pretrained backbone weights when configured.
+pub fn build_resnet(
+    cfg: &ModelConfig,
+    schema: &Schema,
+    seed: u64,
+    device: &Device,
+) -> Result<ResNet> {
+    if schema.task != Task::Classification {
+        return Err(Error::Config(
+            "model.kind = \"resnet\" classifies; the data's label is a regression target (set data.task = \"classification\" for class labels)".into(),
+        ));
+    }
+    let shape: [usize; 3] = match (cfg.input_shape.as_deref(), schema.input_shape.as_slice()) {
+        (Some(&[c, h, w]), _) | (None, &[c, h, w]) => [c, h, w],
+        (None, &[h, w]) => [1, h, w],
+        _ => {
+            return Err(Error::Config(format!(
+                "model.kind = \"resnet\" needs images, but each sample is a vector of {} features; set model.input_shape = [channels, height, width] (e.g. [1, 28, 28])",
+                schema.input_dim
+            )))
+        }
+    };
+    if shape.iter().product::<usize>() != schema.input_dim {
+        return Err(Error::Config(format!(
+            "model.input_shape = {shape:?} holds {} values but a sample has {}; fix model.input_shape",
+            shape.iter().product::<usize>(),
+            schema.input_dim
+        )));
+    }
+    if shape[0] != 1 && shape[0] != 3 {
+        return Err(Error::Config(format!(
+            "model.input_shape = {shape:?}: a ResNet takes 1 (grayscale) or 3 (RGB) channels"
+        )));
+    }
+    let weights = match &cfg.pretrained {
+        Some(spec) => Some(pretrained::load(spec, device)?),
+        None => None,
+    };
+    let stem_from_weights = weights.as_ref().and_then(|(_, w)| resnet::stem_channels(w));
+    let in_channels = cfg.in_channels.or(stem_from_weights).unwrap_or(shape[0]);
+    if shape[0] == 3 && in_channels == 1 {
+        return Err(Error::Config(
+            "model.in_channels = 1 but the images have 3 channels; use in_channels = 3".into(),
+        ));
+    }
+    let width = weights
+        .as_ref()
+        .and_then(|(_, w)| resnet::stem_width(w))
+        .unwrap_or(cfg.width);
+    let freeze = Freeze::parse(&cfg.freeze).ok_or_else(|| {
+        Error::Config(format!(
+            "model.freeze = {:?}: expected \"none\", \"backbone\" or \"until:layerN\"",
+            cfg.freeze
+        ))
+    })?;
+    let store = ParamStore::with_device(seed, device.clone());
+    let net = ResNet::new(
+        store.clone(),
+        ResNetConfig {
+            arch: cfg.arch,
+            width,
+            num_classes: cfg.num_classes.unwrap_or(schema.outputs()),
+            in_channels,
+            input_shape: shape,
+            head_hidden: cfg.head_hidden,
+            dropout: cfg.dropout,
+            freeze,
+            stages: cfg.stages,
+        },
+    )?;
+    if let Some((origin, w)) = weights {
+        let stages = cfg.stages;
+        store.load_map(&origin, &w, &|n| resnet::unused_name(n, stages))?;
+    }
+    Ok(net)
 }

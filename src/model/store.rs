@@ -30,6 +30,8 @@ pub struct Param {
 struct Entry {
     var: Var,
     trainable: bool,
+    /// A buffer (e.g. BatchNorm running statistics): saved and loaded, never trained.
+    buffer: bool,
 }
 
 #[derive(Debug)]
@@ -105,7 +107,7 @@ impl ParamStore {
     pub fn set_trainable(&self, prefix: &str, trainable: bool) -> usize {
         let mut n = 0;
         for (name, e) in self.lock().iter_mut() {
-            if name.starts_with(prefix) {
+            if name.starts_with(prefix) && !e.buffer {
                 e.trainable = trainable;
                 n += 1;
             }
@@ -113,9 +115,40 @@ impl ParamStore {
         n
     }
 
+    /// Whether `name` is a trainable parameter.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.lock().get(name).is_some_and(|e| e.trainable)
+    }
+
+    /// A non-trainable buffer `name` filled with `value` (or the existing one): saved in
+    /// checkpoints and loaded from weight files like a parameter, but never trained.
+    pub fn buffer(&self, name: &str, shape: impl Into<Shape>, value: f32) -> Result<Tensor> {
+        let shape = shape.into();
+        let mut vars = self.lock();
+        if let Some(e) = vars.get(name) {
+            return Ok(e.var.as_tensor().clone());
+        }
+        let t = Tensor::full(value, shape, &self.inner.device)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        vars.insert(
+            name.to_string(),
+            Entry {
+                var,
+                trainable: false,
+                buffer: true,
+            },
+        );
+        Ok(out)
+    }
+
     /// Total number of scalar parameters.
     pub fn num_params(&self) -> usize {
-        self.lock().values().map(|e| e.var.elem_count()).sum()
+        self.lock()
+            .values()
+            .filter(|e| !e.buffer)
+            .map(|e| e.var.elem_count())
+            .sum()
     }
 
     /// Serializes every parameter as safetensors (f32, names sorted). The bytes depend only on
@@ -133,21 +166,36 @@ impl ParamStore {
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = read_safetensors(path, &bytes, &self.inner.device)?;
+        self.load_map(&path.display().to_string(), &tensors, &|_| false)
+    }
+
+    /// Sets every parameter and buffer from `tensors` (named as in a PyTorch state dict),
+    /// except those for which `skip` holds, on both sides (e.g. a new head). Nothing is changed
+    /// unless every name and shape matches; otherwise one error lists the missing, unexpected
+    /// and mis-shaped names. `origin` names the source in the error.
+    pub fn load_map(
+        &self,
+        origin: &str,
+        tensors: &BTreeMap<String, Tensor>,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
         let vars = self.lock();
         let mut missing: Vec<&str> = vars
             .keys()
-            .filter(|k| !tensors.contains_key(*k))
+            .filter(|k| !skip(k) && !tensors.contains_key(*k))
             .map(String::as_str)
             .collect();
-        let unexpected: Vec<&str> = tensors
+        let mut unexpected: Vec<&str> = tensors
             .keys()
-            .filter(|k| !vars.contains_key(*k))
+            .filter(|k| !skip(k) && !vars.contains_key(*k))
             .map(String::as_str)
             .collect();
         let mut mismatched = Vec::new();
-        for (name, e) in vars.iter() {
+        for (name, e) in vars.iter().filter(|(k, _)| !skip(k)) {
             if let Some(t) = tensors.get(name) {
-                if t.dims() != e.var.dims() {
+                if t.elem_count() != e.var.elem_count()
+                    || (t.dims() != e.var.dims() && e.var.rank() > 0)
+                {
                     mismatched.push(format!(
                         "{name} (file {:?}, model {:?})",
                         t.dims(),
@@ -157,17 +205,27 @@ impl ParamStore {
             }
         }
         if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+            let (nm, nu) = (missing.len(), unexpected.len());
             missing.truncate(20);
+            unexpected.truncate(20);
+            let more = |n: usize, shown: usize| {
+                if n > shown {
+                    format!(" and {} more", n - shown)
+                } else {
+                    String::new()
+                }
+            };
             return Err(Error::Checkpoint(format!(
-                "{}: weights do not match the model: missing [{}], unexpected [{}], wrong shape [{}]; was it saved from a different config?",
-                path.display(),
+                "{origin}: weights do not match the model: missing [{}]{}, unexpected [{}]{}, wrong shape [{}]; was it saved from a different config or architecture?",
                 missing.join(", "),
+                more(nm, missing.len()),
                 unexpected.join(", "),
+                more(nu, unexpected.len()),
                 mismatched.join(", ")
             )));
         }
-        for (name, e) in vars.iter() {
-            let t = tensors[name].to_dtype(DType::F32)?;
+        for (name, e) in vars.iter().filter(|(k, _)| !skip(k)) {
+            let t = tensors[name].to_dtype(DType::F32)?.reshape(e.var.shape())?;
             e.var.set(&t)?;
         }
         Ok(())
@@ -303,6 +361,7 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
             Entry {
                 var,
                 trainable: true,
+                buffer: false,
             },
         );
         Ok(out)

@@ -1,0 +1,364 @@
+//! Batch normalization over the channel (last) axis of NHWC activations, as candle custom ops.
+//!
+//! candle-nn's BatchNorm only runs in evaluation mode. In training, [`BatchNorm2d`] normalizes
+//! with the batch statistics, updates the running statistics in place (PyTorch's momentum and
+//! unbiased variance), and backpropagates through the statistics. A frozen layer runs in
+//! evaluation mode, as a per-channel affine map. Parameter names follow PyTorch
+//! (`weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked`).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::update_in_place;
+
+/// Rows per partial sum: the reduction order depends only on the shape, not on the threads.
+const ROWS: usize = 256;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("batch norm: {what} must be a contiguous f32 CPU tensor"),
+    }
+}
+
+fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Per-channel sums of `f(row)` over the rows of `x` (`[rows, c]`), in f64, in a fixed order.
+fn channel_sums(x: &[f32], c: usize, f: impl Fn(&[f32], &mut [f64]) + Sync) -> Vec<f64> {
+    let parts: Vec<Vec<f64>> = x
+        .par_chunks(ROWS * c)
+        .map(|chunk| {
+            let mut acc = vec![0f64; c];
+            for row in chunk.chunks_exact(c) {
+                f(row, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; c];
+    for p in parts {
+        total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+/// Mean and biased variance of each channel.
+fn moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = (x.len() / c).max(1) as f64;
+    let sum = channel_sums(x, c, |row, acc| {
+        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64)
+    });
+    let mean: Vec<f64> = sum.iter().map(|s| s / rows).collect();
+    let sq = channel_sums(x, c, |row, acc| {
+        for ((a, &v), m) in acc.iter_mut().zip(row).zip(&mean) {
+            let d = v as f64 - m;
+            *a += d * d;
+        }
+    });
+    (
+        mean.iter().map(|&m| m as f32).collect(),
+        sq.iter().map(|s| (s / rows) as f32).collect(),
+    )
+}
+
+/// Training-mode forward: `(x [.., c], weight [c], bias [c])` → normalized output. Keeps the
+/// batch mean and inverse standard deviation for the backward pass.
+struct BnTrain {
+    eps: f32,
+    /// Fused ReLU on the output.
+    relu: bool,
+    /// Batch mean, inverse standard deviation and biased variance of the last forward.
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+#[derive(Clone)]
+struct Saved {
+    mean: Vec<f32>,
+    inv: Vec<f32>,
+    var: Vec<f32>,
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "wick-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "the input")?;
+        let gamma = f32_slice(s2, l2, "the weight")?;
+        let beta = f32_slice(s3, l3, "the bias")?;
+        let c = gamma.len();
+        let (mean, var) = moments(x, c);
+        let inv: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let scale: Vec<f32> = inv.iter().zip(gamma).map(|(i, g)| i * g).collect();
+        let shift: Vec<f32> = (0..c).map(|j| beta[j] - mean[j] * scale[j]).collect();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ROWS * c)
+            .zip(x.par_chunks(ROWS * c))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    for j in 0..c {
+                        o[j] = x[j] * scale[j] + shift[j];
+                    }
+                    if self.relu {
+                        o.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                }
+            });
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { mean, inv, var });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = &if self.relu {
+            super::act::relu_grad(res, dy)?
+        } else {
+            dy.clone()
+        };
+        let Some(Saved { mean, inv, .. }) =
+            self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        else {
+            candle_core::bail!("batch norm: backward before forward")
+        };
+        let x = &x.contiguous()?;
+        let dy = &dy.contiguous()?;
+        let c = mean.len();
+        let g = to_vec(gamma)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ds, dl) = dy.storage_and_layout();
+        let (xv, dyv) = match (&*xs, &*ds) {
+            (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => (
+                f32_slice(a, xl, "the input")?,
+                f32_slice(b, dl, "the gradient")?,
+            ),
+            _ => candle_core::bail!("batch norm: CPU tensors expected"),
+        };
+        let rows = (xv.len() / c).max(1);
+        // dbeta = Σ dy, dgamma = Σ dy·x̂ (f32 within a block of rows, f64 across blocks).
+        let sums = {
+            let parts: Vec<Vec<f32>> = xv
+                .par_chunks(ROWS * c)
+                .zip(dyv.par_chunks(ROWS * c))
+                .map(|(x, dy)| {
+                    let mut acc = vec![0f32; 2 * c];
+                    for (x, dy) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+                        let (a, b) = acc.split_at_mut(c);
+                        for j in 0..c {
+                            let xh = (x[j] - mean[j]) * inv[j];
+                            a[j] += dy[j];
+                            b[j] += dy[j] * xh;
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            let mut t = vec![0f64; 2 * c];
+            for p in parts {
+                t.iter_mut().zip(&p).for_each(|(t, &v)| *t += v as f64);
+            }
+            t
+        };
+        let dbeta: Vec<f32> = sums[..c].iter().map(|&v| v as f32).collect();
+        let dgamma: Vec<f32> = sums[c..].iter().map(|&v| v as f32).collect();
+        let dx = if x.track_op() {
+            let nf = rows as f32;
+            let k: Vec<f32> = (0..c).map(|j| g[j] * inv[j] / nf).collect();
+            let mut dx = vec![0f32; xv.len()];
+            dx.par_chunks_mut(ROWS * c)
+                .zip(xv.par_chunks(ROWS * c).zip(dyv.par_chunks(ROWS * c)))
+                .for_each(|(o, (x, dy))| {
+                    for ((o, x), dy) in o
+                        .chunks_exact_mut(c)
+                        .zip(x.chunks_exact(c))
+                        .zip(dy.chunks_exact(c))
+                    {
+                        for j in 0..c {
+                            let xh = (x[j] - mean[j]) * inv[j];
+                            o[j] = k[j] * (nf * dy[j] - dbeta[j] - xh * dgamma[j]);
+                        }
+                    }
+                });
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dev = x.device();
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+/// Evaluation-mode forward: `y = x·scale + shift` per channel (last axis).
+struct ChannelAffine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp1 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "wick-channel-affine"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "the input")?;
+        let c = self.scale.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ROWS * c)
+            .zip(x.par_chunks(ROWS * c))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    for j in 0..c {
+                        o[j] = x[j] * self.scale[j] + self.shift[j];
+                    }
+                    if self.relu {
+                        o.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let s = Tensor::from_slice(&self.scale, self.scale.len(), x.device())?;
+        let dy = if self.relu {
+            super::act::relu_grad(res, dy)?
+        } else {
+            dy.clone()
+        };
+        Ok(Some(dy.broadcast_mul(&s)?))
+    }
+}
+
+/// A BatchNorm2d layer over NHWC activations. The tensors are the store's variables.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: Tensor,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Training mode: batch statistics, running statistics updated in place. Frozen layers
+    /// (`train = false`) use the running statistics.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// As [`Self::forward`], followed by a ReLU when `relu` (one fused pass).
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        if !x.device().is_cpu() {
+            let y = self.forward_generic(&x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        if !train {
+            let (scale, shift) = self.eval_affine()?;
+            let op = ChannelAffine { scale, shift, relu };
+            // Keep a graph only for inputs that need a gradient.
+            return if x.track_op() {
+                x.apply_op1(op)
+            } else {
+                x.apply_op1_no_bwd(&op)
+            };
+        }
+        let saved = Arc::new(Mutex::new(None));
+        let op = BnTrain {
+            eps: self.eps as f32,
+            relu,
+            saved: saved.clone(),
+        };
+        let y = x.apply_op3(&self.weight, &self.bias, op)?;
+        // Running statistics (PyTorch: unbiased variance, momentum-weighted average).
+        let c = self.weight.elem_count();
+        let Some(Saved { mean, var, .. }) = saved.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        else {
+            candle_core::bail!("batch norm: the forward pass kept no statistics")
+        };
+        let rows = (x.elem_count() / c).max(1);
+        let unbias = if rows > 1 {
+            rows as f32 / (rows - 1) as f32
+        } else {
+            1.0
+        };
+        let m = self.momentum as f32;
+        update_in_place(&self.running_mean, |rm| {
+            rm.iter_mut()
+                .zip(&mean)
+                .for_each(|(r, &v)| *r = (1.0 - m) * *r + m * v)
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        update_in_place(&self.running_var, |rv| {
+            rv.iter_mut()
+                .zip(&var)
+                .for_each(|(r, &v)| *r = (1.0 - m) * *r + m * v * unbias)
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        update_in_place(&self.num_batches_tracked, |n| {
+            n.iter_mut().for_each(|n| *n += 1.0)
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(y)
+    }
+
+    /// `scale = γ / √(running_var + ε)`, `shift = β − running_mean · scale`.
+    pub fn eval_affine(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let g = to_vec(&self.weight)?;
+        let b = to_vec(&self.bias)?;
+        let rm = to_vec(&self.running_mean)?;
+        let rv = to_vec(&self.running_var)?;
+        let scale: Vec<f32> = (0..g.len())
+            .map(|j| g[j] / (rv[j] + self.eps as f32).sqrt())
+            .collect();
+        let shift = (0..g.len()).map(|j| b[j] - rm[j] * scale[j]).collect();
+        Ok((scale, shift))
+    }
+
+    /// The same computation with candle ops (non-CPU devices; no running-statistics update).
+    fn forward_generic(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let c = self.weight.elem_count();
+        let flat = x.reshape(((), c))?;
+        let (mean, var) = if train {
+            let mean = flat.mean_keepdim(0)?;
+            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.reshape((1, c))?,
+                self.running_var.reshape((1, c))?,
+            )
+        };
+        let y = flat
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight.reshape((1, c))?)?
+            .broadcast_add(&self.bias.reshape((1, c))?)?;
+        y.reshape(x.shape())
+    }
+}

@@ -1,0 +1,563 @@
+//! 2-D convolution as candle custom ops, on NHWC activations with PyTorch-layout weights
+//! (`[out, in / groups, kh, kw]`).
+//!
+//! candle's CPU convolution backward goes through a slow direct transposed convolution. Here
+//! every pass is one GEMM per group through [`gemm_tiled`]:
+//! - forward: `im2col(x)[P, K] · Wᵀ` gives the output directly in NHWC (`P = N·Ho·Wo` rows);
+//! - input gradient: `dY · W` gives the column gradient, which `col2im` scatters back;
+//! - weight gradient: `dYᵀ · im2col(x)`.
+//!
+//! Columns are ordered `(ki, kj, channel)` so that im2col copies whole channel runs; the weights
+//! are permuted to match once per call. A 1×1 convolution with stride 1 needs no im2col at all.
+//! Every result is independent of the thread count (fixed tiles, per-image scatter).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::gemm_tiled;
+
+/// Stride, zero padding, dilation and groups of a convolution (the same along both axes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+impl Default for ConvSpec {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
+impl ConvSpec {
+    /// Output length along an axis of length `i` for a kernel of size `k`, if any.
+    pub fn out_size(&self, i: usize, k: usize) -> Option<usize> {
+        let span = self.dilation * (k.max(1) - 1) + 1;
+        (i + 2 * self.padding)
+            .checked_sub(span)
+            .map(|v| v / self.stride.max(1) + 1)
+    }
+}
+
+/// The shapes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    s: ConvSpec,
+}
+
+impl Geom {
+    fn new(x: &[usize], wt: &[usize], s: ConvSpec) -> candle_core::Result<Self> {
+        let (&[n, h, w, c], &[cout, cin_g, kh, kw]) = (x, wt) else {
+            candle_core::bail!("conv2d: expected x [n, h, w, c] and weight [out, in/groups, kh, kw], got {x:?} and {wt:?}")
+        };
+        let g = s.groups.max(1);
+        if c != cin_g * g || cout % g != 0 || s.stride == 0 || s.dilation == 0 {
+            candle_core::bail!(
+                "conv2d: {c} input channels, weight {wt:?}, groups {g}, stride {}, dilation {} do not fit",
+                s.stride,
+                s.dilation
+            );
+        }
+        let (Some(ho), Some(wo)) = (s.out_size(h, kh), s.out_size(w, kw)) else {
+            candle_core::bail!("conv2d: input {h}x{w} is smaller than the {kh}x{kw} kernel")
+        };
+        Ok(Self {
+            n,
+            h,
+            w,
+            c,
+            cout,
+            kh,
+            kw,
+            ho,
+            wo,
+            s,
+        })
+    }
+    fn groups(&self) -> usize {
+        self.s.groups.max(1)
+    }
+    fn cin_g(&self) -> usize {
+        self.c / self.groups()
+    }
+    fn cout_g(&self) -> usize {
+        self.cout / self.groups()
+    }
+    /// Columns of the im2col matrix of one group.
+    fn k(&self) -> usize {
+        self.cin_g() * self.kh * self.kw
+    }
+    /// Output pixels of the batch (rows of the im2col matrix).
+    fn p(&self) -> usize {
+        self.n * self.ho * self.wo
+    }
+    /// A 1×1, stride-1, unpadded, ungrouped convolution is a plain matrix product.
+    fn pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.s.stride == 1
+            && self.s.padding == 0
+            && self.groups() == 1
+    }
+    /// Input row `oh·stride + ki·dilation − padding`, if inside the image.
+    fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
+        let i = (o * self.s.stride + k * self.s.dilation) as isize - self.s.padding as isize;
+        (i >= 0 && (i as usize) < len).then_some(i as usize)
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("conv2d: {what} must be a contiguous f32 CPU tensor"),
+    }
+}
+
+/// A vector of `n` values that the caller overwrites completely before reading.
+fn scratch(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and every caller writes all `n` values before
+    // any is read (im2col fills every column, padding included; GEMMs with `accumulate =
+    // false` write their whole output).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
+thread_local! {
+    /// The im2col / column-gradient buffer, kept between calls: a fresh multi-megabyte
+    /// allocation costs a page fault per 4 KiB, more than filling it.
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a reused buffer of at least `n` values (contents unspecified).
+fn with_cols<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    COLS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() < n {
+            *c = scratch(n);
+        }
+        f(&mut c[..n])
+    })
+}
+
+/// The im2col matrix `[P, K]` of group `gi`, columns ordered `(channel, ki, kj)` like the
+/// weight's `[in, kh, kw]`, so the weight is used as it is.
+fn im2col(x: &[f32], g: &Geom, gi: usize, col: &mut [f32]) {
+    let (k, cg, kk) = (g.k(), g.cin_g(), g.kh * g.kw);
+    let c0 = gi * cg;
+    col.par_chunks_mut(g.wo * k)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (n, oh) = (row / g.ho, row % g.ho);
+            for ow in 0..g.wo {
+                let dst = &mut out[ow * k..(ow + 1) * k];
+                for ki in 0..g.kh {
+                    let ih = g.src(oh, ki, g.h);
+                    for kj in 0..g.kw {
+                        let at = ki * g.kw + kj;
+                        match (ih, g.src(ow, kj, g.w)) {
+                            (Some(ih), Some(iw)) => {
+                                let src = &x[((n * g.h + ih) * g.w + iw) * g.c + c0..][..cg];
+                                for (c, &v) in src.iter().enumerate() {
+                                    dst[c * kk + at] = v;
+                                }
+                            }
+                            _ => (0..cg).for_each(|c| dst[c * kk + at] = 0.0),
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Adds the column gradient `[P, K]` of group `gi` into `dx` (NHWC), one image per task.
+fn col2im_add(dcol: &[f32], g: &Geom, gi: usize, dx: &mut [f32]) {
+    let (k, cg, kk) = (g.k(), g.cin_g(), g.kh * g.kw);
+    let c0 = gi * cg;
+    let rows = g.ho * g.wo;
+    dx.par_chunks_mut(g.h * g.w * g.c)
+        .enumerate()
+        .for_each(|(n, img)| {
+            for oh in 0..g.ho {
+                for ow in 0..g.wo {
+                    let src = &dcol[(n * rows + oh * g.wo + ow) * k..][..k];
+                    for ki in 0..g.kh {
+                        let Some(ih) = g.src(oh, ki, g.h) else {
+                            continue;
+                        };
+                        for kj in 0..g.kw {
+                            let Some(iw) = g.src(ow, kj, g.w) else {
+                                continue;
+                            };
+                            let at = ki * g.kw + kj;
+                            let d = &mut img[(ih * g.w + iw) * g.c + c0..][..cg];
+                            for (c, d) in d.iter_mut().enumerate() {
+                                *d += src[c * kk + at];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Forward convolution: `x` NHWC, weight `[out, in/groups, kh, kw]` → NHWC output.
+pub fn conv2d_forward(
+    x: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    s: ConvSpec,
+) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
+    conv2d_forward_keep(x, xs, w, ws, s, None)
+}
+
+/// The im2col matrix a forward pass keeps for the weight gradient (ungrouped convolutions).
+type Cols = Arc<Mutex<Option<Vec<f32>>>>;
+
+/// Largest im2col matrix kept between the forward and backward passes (values).
+const KEEP_COLS_MAX: usize = 32 << 20;
+
+fn conv2d_forward_keep(
+    x: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    s: ConvSpec,
+    keep: Option<&Cols>,
+) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
+    let g = Geom::new(xs, ws, s)?;
+    if let Some(keep) =
+        keep.filter(|_| !g.pointwise() && g.groups() == 1 && g.p() * g.k() <= KEEP_COLS_MAX)
+    {
+        let (p, k) = (g.p(), g.k());
+        let mut col = scratch(p * k);
+        im2col(x, &g, 0, &mut col);
+        let mut out = scratch(p * g.cout);
+        gemm_tiled(p, g.cout, k, &mut out, g.cout, false, &col, k, 1, w, 1, k);
+        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
+        return Ok((out, [g.n, g.ho, g.wo, g.cout]));
+    }
+    let (p, k, cog) = (g.p(), g.k(), g.cout_g());
+    let wr = w;
+    let mut out = scratch(p * g.cout);
+    if g.pointwise() {
+        gemm_tiled(
+            p, g.cout, g.c, &mut out, g.cout, false, x, g.c, 1, wr, 1, g.c,
+        );
+    } else {
+        with_cols(p * k, |col| {
+            for gi in 0..g.groups() {
+                im2col(x, &g, gi, col);
+                gemm_tiled(
+                    p,
+                    cog,
+                    k,
+                    &mut out[gi * cog..],
+                    g.cout,
+                    false,
+                    col,
+                    k,
+                    1,
+                    &wr[gi * cog * k..],
+                    1,
+                    k,
+                );
+            }
+        });
+    }
+    Ok((out, [g.n, g.ho, g.wo, g.cout]))
+}
+
+/// Gradient of the input: `dy` NHWC `[n, ho, wo, out]` → `[n, h, w, c]` (`xs`).
+pub fn conv2d_backward_input(
+    dy: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    s: ConvSpec,
+) -> candle_core::Result<Vec<f32>> {
+    let g = Geom::new(xs, ws, s)?;
+    let (p, k, cog) = (g.p(), g.k(), g.cout_g());
+    let wr = w;
+    if g.pointwise() {
+        let mut dx = scratch(g.n * g.h * g.w * g.c);
+        gemm_tiled(
+            p, g.c, g.cout, &mut dx, g.c, false, dy, g.cout, 1, wr, g.c, 1,
+        );
+        return Ok(dx);
+    }
+    let mut dx = vec![0f32; g.n * g.h * g.w * g.c];
+    {
+        with_cols(p * k, |dcol| {
+            for gi in 0..g.groups() {
+                gemm_tiled(
+                    p,
+                    k,
+                    cog,
+                    dcol,
+                    k,
+                    false,
+                    &dy[gi * cog..],
+                    g.cout,
+                    1,
+                    &wr[gi * cog * k..],
+                    k,
+                    1,
+                );
+                col2im_add(dcol, &g, gi, &mut dx);
+            }
+        });
+    }
+    Ok(dx)
+}
+
+/// Gradient of the weight: `x` NHWC and `dy` NHWC → `[out, in/groups, kh, kw]`.
+pub fn conv2d_backward_weight(
+    x: &[f32],
+    xs: &[usize],
+    dy: &[f32],
+    ws: &[usize],
+    s: ConvSpec,
+) -> candle_core::Result<Vec<f32>> {
+    conv2d_backward_weight_cols(x, xs, dy, ws, s, None)
+}
+
+fn conv2d_backward_weight_cols(
+    x: &[f32],
+    xs: &[usize],
+    dy: &[f32],
+    ws: &[usize],
+    s: ConvSpec,
+    cols: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    let g = Geom::new(xs, ws, s)?;
+    let (p, k, cog) = (g.p(), g.k(), g.cout_g());
+    let mut dwr = scratch(g.cout * k);
+    if let Some(col) = cols.filter(|c| c.len() == p * k && g.groups() == 1) {
+        gemm_tiled(g.cout, k, p, &mut dwr, k, false, dy, 1, g.cout, col, k, 1);
+        return Ok(dwr);
+    }
+    if g.pointwise() {
+        gemm_tiled(
+            g.cout, g.c, p, &mut dwr, g.c, false, dy, 1, g.cout, x, g.c, 1,
+        );
+    } else {
+        with_cols(p * k, |col| {
+            for gi in 0..g.groups() {
+                im2col(x, &g, gi, col);
+                gemm_tiled(
+                    cog,
+                    k,
+                    p,
+                    &mut dwr[gi * cog * k..],
+                    k,
+                    false,
+                    &dy[gi * cog..],
+                    1,
+                    g.cout,
+                    col,
+                    k,
+                    1,
+                );
+            }
+        });
+    }
+    Ok(dwr)
+}
+
+/// The forward op: `(x NHWC, weight)` → output NHWC. When the weight is trained, it keeps the
+/// im2col matrix for the weight gradient instead of rebuilding it.
+struct Conv2dOp(ConvSpec, Option<Cols>);
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "wick-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "the input")?;
+        let w = f32_slice(s2, l2, "the weight")?;
+        let (out, shape) =
+            conv2d_forward_keep(x, l1.dims(), w, l2.dims(), self.0, self.1.as_ref())?;
+        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(w, &Conv2dInputGrad(self.0, x.dims().to_vec()))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let cols = self
+                .1
+                .as_ref()
+                .and_then(|c| c.lock().unwrap_or_else(|e| e.into_inner()).take());
+            Some(x.apply_op2_no_bwd(&dy, &Conv2dWeightGrad(self.0, w.dims().to_vec(), cols))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `(dy, weight)` → gradient of the input, whose dims are the op's second field.
+struct Conv2dInputGrad(ConvSpec, Vec<usize>);
+
+impl CustomOp2 for Conv2dInputGrad {
+    fn name(&self) -> &'static str {
+        "wick-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dy = f32_slice(s1, l1, "the output gradient")?;
+        let w = f32_slice(s2, l2, "the weight")?;
+        let dx = conv2d_backward_input(dy, &self.1, w, l2.dims(), self.0)?;
+        Ok((CpuStorage::F32(dx), Shape::from(self.1.clone())))
+    }
+}
+
+/// `(x, dy)` → gradient of the weight, whose dims are the op's second field.
+struct Conv2dWeightGrad(ConvSpec, Vec<usize>, Option<Vec<f32>>);
+
+impl CustomOp2 for Conv2dWeightGrad {
+    fn name(&self) -> &'static str {
+        "wick-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "the input")?;
+        let dy = f32_slice(s2, l2, "the output gradient")?;
+        let dw = conv2d_backward_weight_cols(x, l1.dims(), dy, &self.1, self.0, self.2.as_deref())?;
+        Ok((CpuStorage::F32(dw), Shape::from(self.1.clone())))
+    }
+}
+
+/// A forward-only convolution followed by a per-channel affine map and an optional ReLU, all
+/// on the convolution's own output buffer: evaluation-mode `conv → BatchNorm → ReLU`.
+struct Conv2dAffine {
+    spec: ConvSpec,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp2 for Conv2dAffine {
+    fn name(&self) -> &'static str {
+        "wick-conv2d-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "the input")?;
+        let w = f32_slice(s2, l2, "the weight")?;
+        let (mut out, shape) = conv2d_forward(x, l1.dims(), w, l2.dims(), self.spec)?;
+        let c = shape[3];
+        if self.scale.len() != c || self.shift.len() != c {
+            candle_core::bail!(
+                "conv2d: {} scales for {c} output channels",
+                self.scale.len()
+            );
+        }
+        out.par_chunks_mut(c * 64).for_each(|rows| {
+            for row in rows.chunks_exact_mut(c) {
+                for ((v, &a), &b) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
+                    *v = *v * a + b;
+                }
+                if self.relu {
+                    row.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+    }
+}
+
+/// `max(conv2d(x, w)·scale + shift, 0)` (the ReLU only with `relu`) per output channel, with no
+/// gradient: a frozen `conv → BatchNorm (eval) → ReLU` in one pass over the output.
+pub fn conv2d_affine(
+    x: &Tensor,
+    weight: &Tensor,
+    spec: ConvSpec,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    let op = Conv2dAffine {
+        spec,
+        scale,
+        shift,
+        relu,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// 2-D convolution of NHWC `x` with a PyTorch-layout `weight`, differentiable through
+/// candle's autograd. CPU f32 only; other devices use candle's own convolution.
+pub fn conv2d(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        let y = x.permute((0, 3, 1, 2))?.conv2d(
+            weight,
+            spec.padding,
+            spec.stride,
+            spec.dilation,
+            spec.groups,
+        )?;
+        return y.permute((0, 2, 3, 1))?.contiguous();
+    }
+    let keep = weight.track_op().then(|| Arc::new(Mutex::new(None)));
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Conv2dOp(spec, keep))
+}
