@@ -14,6 +14,7 @@ use wick::train::optim::Optimizer;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn bench(c: &mut Criterion, name: &str, overrides: &[&str]) {
+    wick::alloc::keep_freed_memory();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::env::set_current_dir(root).unwrap();
     let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    wick::alloc::keep_freed_memory();
     match wick::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

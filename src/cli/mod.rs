@@ -84,7 +84,6 @@ pub(crate) fn load_run_model(run_dir: &std::path::Path, which: Which) -> anyhow:
     let run = crate::train::RunDir::open(run_dir)?;
     let cfg = run.config()?;
     let schema = run.schema()?;
-    let model = crate::model::build(&cfg.model, &schema, cfg.run.seed, &candle_core::Device::Cpu)?;
     let mut dir = run.checkpoint(match which {
         Which::Best => "best",
         Which::Last => "last",
@@ -93,9 +92,20 @@ pub(crate) fn load_run_model(run_dir: &std::path::Path, which: Which) -> anyhow:
         dir = run.checkpoint("last");
     }
     let checkpoint = crate::train::checkpoint::locate(&dir)?;
-    model
-        .store()
-        .load_safetensors(&checkpoint.join(crate::train::checkpoint::MODEL_FILE))?;
+    let weights = checkpoint.join(crate::train::checkpoint::MODEL_FILE);
+    let mut model_cfg = cfg.model.clone();
+    if model_cfg.kind == crate::config::ModelKind::Resnet {
+        // The checkpoint holds every weight: no pretrained file is needed, and the stem's
+        // width and channels are read from it.
+        let w = crate::model::pretrained::read_weights(&weights, &candle_core::Device::Cpu)?;
+        model_cfg.pretrained = None;
+        if let Some(width) = crate::model::resnet::stem_width(&w) {
+            model_cfg.width = width;
+        }
+        model_cfg.in_channels = crate::model::resnet::stem_channels(&w).or(model_cfg.in_channels);
+    }
+    let model = crate::model::build(&model_cfg, &schema, cfg.run.seed, &candle_core::Device::Cpu)?;
+    model.store().load_safetensors(&weights)?;
     Ok(LoadedRun {
         schema,
         cfg,

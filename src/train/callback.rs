@@ -26,6 +26,9 @@ pub struct FitStart {
     pub train_samples: usize,
     pub eval_samples: usize,
     pub num_params: usize,
+    /// The model's frozen part runs once per sample and the rest trains on its cached output
+    /// (see [`crate::model::Model::cached_features`]).
+    pub cached_features: bool,
 }
 
 /// After each optimizer step.

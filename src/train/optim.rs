@@ -48,22 +48,33 @@ impl Optimizer {
         self.step
     }
 
-    /// Applies one update with learning rate `lr`.
+    /// Applies one update with learning rate `lr`. Parameters are updated in parallel, each
+    /// element independently, so the result does not depend on the thread count.
     pub fn step(&mut self, params: &[Param], grads: &Grads, lr: f64) -> Result<()> {
+        use rayon::prelude::*;
         self.step += 1;
         let wd_all = self.cfg.weight_decay();
-        for (i, (p, g)) in params.iter().zip(&grads.bufs).enumerate() {
-            let wd = if self.decay[i] { wd_all } else { 0.0 };
-            let st = &mut self.state[i];
-            match self.cfg.kind {
+        let cfg = &self.cfg;
+        let step = self.step;
+        let work: Vec<(usize, &Param, &Vec<f32>, &mut ParamState)> = params
+            .iter()
+            .zip(&grads.bufs)
+            .zip(self.state.iter_mut())
+            .enumerate()
+            .map(|(i, ((p, g), st))| (i, p, g, st))
+            .collect();
+        let decay = &self.decay;
+        let update = |(i, p, g, st): (usize, &Param, &Vec<f32>, &mut ParamState)| -> Result<()> {
+            let wd = if decay[i] { wd_all } else { 0.0 };
+            match cfg.kind {
                 OptimKind::Adamw => {
                     if st.exp_avg.is_empty() {
                         st.exp_avg = vec![0.0; g.len()];
                         st.exp_avg_sq = vec![0.0; g.len()];
                     }
-                    let [b1, b2] = self.cfg.betas;
-                    let bc1 = 1.0 - b1.powi(self.step as i32);
-                    let bc2 = 1.0 - b2.powi(self.step as i32);
+                    let [b1, b2] = cfg.betas;
+                    let bc1 = 1.0 - b1.powi(step as i32);
+                    let bc2 = 1.0 - b2.powi(step as i32);
                     let step_size = (lr / bc1) as f32;
                     let bc2_sqrt = bc2.sqrt() as f32;
                     let decay = (1.0 - lr * wd) as f32;
@@ -73,44 +84,36 @@ impl Optimizer {
                         b2: b2 as f32,
                         one_minus_b1: (1.0 - b1) as f32,
                         one_minus_b2: (1.0 - b2) as f32,
-                        eps: self.cfg.eps as f32,
+                        eps: cfg.eps as f32,
                         step_size,
                         bc2_sqrt,
                     };
                     let (m, v) = (&mut st.exp_avg, &mut st.exp_avg_sq);
-                    update_in_place(p.var.as_tensor(), |w| adamw_kernel(w, g, m, v, &c))?;
+                    update_in_place(p.var.as_tensor(), |w| adamw_kernel(w, g, m, v, &c))
                 }
                 OptimKind::Sgd => {
-                    let mom = self.cfg.momentum as f32;
-                    let damp = self.cfg.dampening as f32;
-                    let nesterov = self.cfg.nesterov;
-                    let (lr, wd) = (lr as f32, wd as f32);
-                    let first = st.momentum_buffer.is_empty() && mom != 0.0;
-                    if first {
+                    let c = SgdConsts {
+                        lr: lr as f32,
+                        wd: wd as f32,
+                        mom: cfg.momentum as f32,
+                        damp: cfg.dampening as f32,
+                        nesterov: cfg.nesterov,
+                        first: st.momentum_buffer.is_empty() && cfg.momentum != 0.0,
+                    };
+                    if c.first {
                         st.momentum_buffer = vec![0.0; g.len()];
                     }
                     let buf = &mut st.momentum_buffer;
-                    update_in_place(p.var.as_tensor(), |w| {
-                        for j in 0..w.len() {
-                            let mut d = g[j];
-                            if wd != 0.0 {
-                                d += wd * w[j];
-                            }
-                            if mom != 0.0 {
-                                buf[j] = if first {
-                                    d
-                                } else {
-                                    mom * buf[j] + (1.0 - damp) * d
-                                };
-                                d = if nesterov { d + mom * buf[j] } else { buf[j] };
-                            }
-                            w[j] -= lr * d;
-                        }
-                    })?;
+                    update_in_place(p.var.as_tensor(), |w| sgd_kernel(w, g, buf, &c))
                 }
             }
+        };
+        let total: usize = grads.bufs.iter().map(Vec::len).sum();
+        if total >= PARALLEL_MIN_PARAMS && rayon::current_num_threads() > 1 {
+            work.into_par_iter().try_for_each(update)
+        } else {
+            work.into_iter().try_for_each(update)
         }
-        Ok(())
     }
 
     /// The state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`,
@@ -208,6 +211,48 @@ struct AdamConsts {
     eps: f32,
     step_size: f32,
     bc2_sqrt: f32,
+}
+
+/// Below this many parameters the update runs on the calling thread.
+const PARALLEL_MIN_PARAMS: usize = 1 << 18;
+
+struct SgdConsts {
+    lr: f32,
+    wd: f32,
+    mom: f32,
+    damp: f32,
+    nesterov: bool,
+    first: bool,
+}
+
+/// `torch.optim.SGD` for one parameter, with the common cases as straight loops.
+fn sgd_kernel(w: &mut [f32], g: &[f32], buf: &mut [f32], c: &SgdConsts) {
+    let n = w.len();
+    let g = &g[..n];
+    let SgdConsts {
+        lr,
+        wd,
+        mom,
+        damp,
+        nesterov,
+        first,
+    } = *c;
+    if mom == 0.0 {
+        for (w, &g) in w.iter_mut().zip(g) {
+            *w -= lr * (g + wd * *w);
+        }
+        return;
+    }
+    let buf = &mut buf[..n];
+    for ((w, &g), b) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
+        let d = g + wd * *w;
+        *b = if first {
+            d
+        } else {
+            mom * *b + (1.0 - damp) * d
+        };
+        *w -= lr * if nesterov { d + mom * *b } else { *b };
+    }
 }
 
 /// The AdamW update of one parameter, written over zipped slices so that it vectorizes.

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use crate::config::{Config, Task};
 use crate::data::loader::with_prefetch;
-use crate::data::{open_sources, BatchPlan, Schema, Source};
+use crate::data::{open_sources, BatchPlan, Dataset, Schema, Source};
 use crate::model::{self, Grads, Loss, Model, ModelCtx, Param};
 use crate::train::callback::{Callback, Control, EpochEnd, FitStart, StepEnd};
 use crate::train::checkpoint::{self, Best, TrainerState};
@@ -17,6 +17,8 @@ use crate::{Error, Result};
 
 /// Rows per forward pass during evaluation and prediction.
 const EVAL_BATCH: usize = 1024;
+/// Samples per forward pass when caching features.
+const CACHE_BATCH: usize = 256;
 /// Batches the loader keeps ready ahead of the training step.
 const PREFETCH: usize = 4;
 
@@ -75,6 +77,8 @@ struct StepCtx<'a> {
     run: &'a RunDir,
     cfg: &'a Config,
     loss: Loss,
+    /// Batches hold cached features (see [`Model::cached_features`]).
+    cached: bool,
 }
 
 impl StepCtx<'_> {
@@ -94,7 +98,8 @@ impl StepCtx<'_> {
             let batch = batch?;
             let group_start = (b / t.accumulate) * t.accumulate;
             let group_len = t.accumulate.min(nb - group_start);
-            let mut ctx = ModelCtx::train(seed, ((epoch as u64) << 32) | b as u64);
+            let mut ctx = ModelCtx::train(seed, ((epoch as u64) << 32) | b as u64)
+                .with_cached_features(self.cached);
             let loss = self.model.loss_and_grad(
                 &batch,
                 self.loss,
@@ -227,7 +232,12 @@ impl Trainer {
 
     /// Metrics of the model on `ds`, without prefix (`loss`, `accuracy`, `f1` / `mse`, `mae`).
     pub fn evaluate(&self, ds: &dyn Source) -> Result<Metrics> {
-        let out = predict(self.model.as_ref(), ds)?;
+        self.evaluate_on(ds, false)
+    }
+
+    /// As [`Self::evaluate`]; with `cached`, `ds` holds the model's cached features.
+    fn evaluate_on(&self, ds: &dyn Source, cached: bool) -> Result<Metrics> {
+        let out = predict_with(self.model.as_ref(), ds, cached)?;
         if let Some(v) = out.iter().find(|v| !v.is_finite()) {
             return Err(Error::Train(format!(
                 "the model produced {v} on the evaluation data: training diverged or an input is extreme; lower optim.lr, set train.clip_norm or check the data"
@@ -305,6 +315,10 @@ impl Trainer {
             TrainerState::new(&hash, &file_hash, seed)
         };
 
+        let caching = self.model.cached_features().is_some()
+            && t.cache_features
+            && !self.train.augments()
+            && !stop_before(&st, t.epochs);
         let start = FitStart {
             epochs: t.epochs,
             steps_per_epoch,
@@ -313,10 +327,28 @@ impl Trainer {
             train_samples: n,
             eval_samples: self.eval.len(),
             num_params: store.num_params(),
+            cached_features: caching,
         };
         for cb in self.callbacks.iter_mut() {
             cb.on_fit_start(&start)?;
         }
+
+        // A frozen, deterministic backbone: compute its features once, train the head on them.
+        let cache = match caching {
+            true => {
+                let clock = Instant::now();
+                let train = cache_features(self.model.as_ref(), self.train.as_ref())?;
+                let eval = cache_features(self.model.as_ref(), self.eval.as_ref())?;
+                st.train_time_s += clock.elapsed().as_secs_f64();
+                Some((train, eval))
+            }
+            false => None,
+        };
+        let cached = cache.is_some();
+        let (train_src, eval_src): (&dyn Source, &dyn Source) = match &cache {
+            Some((t, e)) => (t, e),
+            None => (self.train.as_ref(), self.eval.as_ref()),
+        };
 
         let device = store.device().clone();
         let mut last_metrics = Metrics::new();
@@ -336,14 +368,15 @@ impl Trainer {
                 run,
                 cfg: &cfg,
                 loss: loss_kind,
+                cached,
             };
             let first = sc.st.batch;
             let ending = with_prefetch(
-                self.train.as_ref(),
+                train_src,
                 &plan,
                 first..nb,
                 &device,
-                if self.train.prefetch() { PREFETCH } else { 0 },
+                if train_src.prefetch() { PREFETCH } else { 0 },
                 |batches| sc.run_epoch(epoch, nb, batches),
             )?;
             if let EpochEnding::Stopped = ending {
@@ -362,7 +395,7 @@ impl Trainer {
             );
             let evaluated = (epoch + 1) % t.eval_every == 0 || epoch + 1 == t.epochs;
             if evaluated {
-                for (k, v) in self.evaluate(self.eval.as_ref())? {
+                for (k, v) in self.evaluate_on(eval_src, cached)? {
                     m.insert(format!("eval_{k}"), v);
                 }
             }
@@ -464,13 +497,51 @@ impl Trainer {
 
 /// Model outputs (`n × outputs`, row-major) for every sample of `ds`, in evaluation mode.
 pub fn predict(model: &dyn Model, ds: &dyn Source) -> Result<Vec<f32>> {
+    predict_with(model, ds, false)
+}
+
+/// As [`predict`]; with `cached`, `ds` holds the model's cached features.
+fn predict_with(model: &dyn Model, ds: &dyn Source, cached: bool) -> Result<Vec<f32>> {
     let device = model.store().device().clone();
     let plan = BatchPlan::sequential(ds.len(), EVAL_BATCH);
     let mut out = Vec::new();
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
-        let y = model.forward(&b.x, &mut ModelCtx::eval())?;
+        let mut ctx = ModelCtx::eval().with_cached_features(cached);
+        let y = model.forward(&b.x, &mut ctx)?;
         out.extend(y.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
+}
+
+/// Whether a run in state `st` has nothing left to train.
+fn stop_before(st: &TrainerState, epochs: usize) -> bool {
+    st.stopped_early || st.epoch >= epochs
+}
+
+/// The model's cached features ([`Model::features`]) of every sample of `ds`, in memory, with
+/// the same targets.
+pub fn cache_features(model: &dyn Model, ds: &dyn Source) -> Result<Dataset> {
+    let device = model.store().device().clone();
+    let dim = model.cached_features().unwrap_or(0);
+    let plan = BatchPlan::sequential(ds.len(), CACHE_BATCH);
+    let mut x = Vec::with_capacity(ds.len() * dim);
+    for i in 0..plan.len() {
+        let b = plan.batch(ds, i, &device)?;
+        let f = model.features(&b.x)?;
+        x.extend(f.flatten_all()?.to_vec1::<f32>()?);
+    }
+    if x.len() != ds.len() * dim {
+        return Err(Error::Train(format!(
+            "the model's cached features have {} values for {} samples of width {dim}",
+            x.len(),
+            ds.len()
+        )));
+    }
+    Ok(Dataset {
+        x,
+        n: ds.len(),
+        d: dim,
+        y: ds.targets()?,
+    })
 }
