@@ -21,6 +21,9 @@ const MI_OPTION_PURGE_DELAY: c_int = 15;
 /// `main` of a program whose global allocator is `mimalloc::MiMalloc`. An explicit
 /// `MIMALLOC_PURGE_DELAY` in the environment wins.
 pub fn keep_freed_memory() {
+    // Links mimalloc (and its `mi_option_set`) even into programs that use another allocator;
+    // there the call only sets an option that nothing reads.
+    let _ = mimalloc::MiMalloc;
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }

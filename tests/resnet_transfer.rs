@@ -84,15 +84,17 @@ fn a_fashion_mnist_backbone_transfers_to_mnist_digits() {
     );
 
     let pretrained = format!("model.pretrained={:?}", backbone.display().to_string());
-    let (acc_pre, cached, epochs) = transfer(&tmp.path().join("pre"), &[pretrained]);
+    let (acc_pre, cached, epochs) =
+        transfer(&tmp.path().join("pre"), std::slice::from_ref(&pretrained));
     assert!(
         cached,
         "a frozen backbone without augmentation trains on cached features"
     );
 
-    // The same head on the same (narrow) architecture, randomly initialised and frozen. The
-    // config's `pretrained` is cleared by pointing it at nothing: build the config by hand.
-    let mut cfg = wick::config::load(Path::new("configs/mnist_transfer.toml"), &[]).unwrap();
+    // The same head on the same (narrow) architecture, randomly initialised and frozen: the
+    // config without `pretrained`.
+    let mut cfg =
+        wick::config::load(Path::new("configs/mnist_transfer.toml"), &[pretrained]).unwrap();
     cfg.model.pretrained = None;
     cfg.model.width = 16;
     let dir = tmp.path().join("random.toml");

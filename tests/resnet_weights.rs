@@ -240,4 +240,65 @@ fn resnet_runs_resume_exactly_and_do_not_depend_on_threads() {
         .into_iter()
         .any(|n| n == "layer2.0.downsample.1.running_var");
     assert!(st, "running statistics are saved in the checkpoint");
+
+    // `wick predict --image`: PNGs through the run's input shape, top-k with probabilities.
+    let png = tmp.path().join("digit.png");
+    image::GrayImage::from_fn(16, 16, |x, y| {
+        image::Luma([if (4..12).contains(&x) && y % 15 > 2 {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&png)
+    .unwrap();
+    let o = common::wick()
+        .args(["predict"])
+        .arg(&full)
+        .arg("--image")
+        .arg(&png)
+        .arg(&png)
+        .args(["--top-k", "3"])
+        .output()
+        .unwrap();
+    let (out, err) = common::text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        8,
+        "two images, a header and 3 classes each:\n{out}"
+    );
+    assert!(
+        lines[0].contains("digit.png") && lines[0].contains(" ms)"),
+        "{out}"
+    );
+    let probs: Vec<f64> = lines[1..4]
+        .iter()
+        .map(|l| l.split_whitespace().last().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        probs.windows(2).all(|w| w[0] >= w[1]) && probs[0] > 0.0,
+        "{out}"
+    );
+    assert_eq!(
+        lines[1..4],
+        lines[5..8],
+        "the same image gives the same answer"
+    );
+    // A run trained on plain features cannot take images without a shape.
+    let mlp = common::train("configs/iris_mlp.toml", &tmp.path().join("iris"), &[]);
+    let o = common::wick()
+        .args(["predict"])
+        .arg(&mlp)
+        .arg("--image")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let (_, err) = common::text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("not trained on images") && err.contains("--input"),
+        "{err}"
+    );
 }
