@@ -4,15 +4,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::op_f32;
+
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("activation: expected a contiguous f32 CPU tensor"),
-    }
-}
 
 /// `dy · [y > 0]` for the output `y` of a ReLU.
 pub fn relu_grad(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
@@ -34,7 +29,10 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, dy) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (y, dy) = (
+            op_f32(s1, l1, "activation", "the first input")?,
+            op_f32(s2, l2, "activation", "the second input")?,
+        );
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(CHUNK)
             .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
@@ -55,7 +53,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l)?;
+        let x = op_f32(s, l, "activation", "the input")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -86,7 +84,10 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (a, b) = (
+            op_f32(s1, l1, "activation", "the first input")?,
+            op_f32(s2, l2, "activation", "the second input")?,
+        );
         if a.len() != b.len() {
             candle_core::bail!(
                 "add-relu: shapes {:?} and {:?} differ",

@@ -11,17 +11,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::op_f32;
 use super::kernels::update_in_place;
 
 /// Rows per partial sum: the reduction order depends only on the shape, not on the threads.
 const ROWS: usize = 256;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("batch norm: {what} must be a contiguous f32 CPU tensor"),
-    }
-}
 
 fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
@@ -96,9 +90,9 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "the input")?;
-        let gamma = f32_slice(s2, l2, "the weight")?;
-        let beta = f32_slice(s3, l3, "the bias")?;
+        let x = op_f32(s1, l1, "batch norm", "the input")?;
+        let gamma = op_f32(s2, l2, "batch norm", "the weight")?;
+        let beta = op_f32(s3, l3, "batch norm", "the bias")?;
         let c = gamma.len();
         let (mean, var) = moments(x, c);
         let inv: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
@@ -147,8 +141,8 @@ impl CustomOp3 for BnTrain {
         let (ds, dl) = dy.storage_and_layout();
         let (xv, dyv) = match (&*xs, &*ds) {
             (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => (
-                f32_slice(a, xl, "the input")?,
-                f32_slice(b, dl, "the gradient")?,
+                op_f32(a, xl, "batch norm", "the input")?,
+                op_f32(b, dl, "batch norm", "the gradient")?,
             ),
             _ => candle_core::bail!("batch norm: CPU tensors expected"),
         };
@@ -223,7 +217,7 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "the input")?;
+        let x = op_f32(s, l, "batch norm", "the input")?;
         let c = self.scale.len();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(ROWS * c)

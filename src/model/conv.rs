@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::gemm_tiled;
+use super::kernels::op_f32;
 
 /// Stride, zero padding, dilation and groups of a convolution (the same along both axes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,13 +122,6 @@ impl Geom {
     fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
         let i = (o * self.s.stride + k * self.s.dilation) as isize - self.s.padding as isize;
         (i >= 0 && (i as usize) < len).then_some(i as usize)
-    }
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("conv2d: {what} must be a contiguous f32 CPU tensor"),
     }
 }
 
@@ -403,8 +397,8 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "the input")?;
-        let w = f32_slice(s2, l2, "the weight")?;
+        let x = op_f32(s1, l1, "conv2d", "the input")?;
+        let w = op_f32(s2, l2, "conv2d", "the weight")?;
         let (out, shape) =
             conv2d_forward_keep(x, l1.dims(), w, l2.dims(), self.0, self.1.as_ref())?;
         Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
@@ -451,8 +445,8 @@ impl CustomOp2 for Conv2dInputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dy = f32_slice(s1, l1, "the output gradient")?;
-        let w = f32_slice(s2, l2, "the weight")?;
+        let dy = op_f32(s1, l1, "conv2d", "the output gradient")?;
+        let w = op_f32(s2, l2, "conv2d", "the weight")?;
         let dx = conv2d_backward_input(dy, &self.1, w, l2.dims(), self.0)?;
         Ok((CpuStorage::F32(dx), Shape::from(self.1.clone())))
     }
@@ -473,8 +467,8 @@ impl CustomOp2 for Conv2dWeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "the input")?;
-        let dy = f32_slice(s2, l2, "the output gradient")?;
+        let x = op_f32(s1, l1, "conv2d", "the input")?;
+        let dy = op_f32(s2, l2, "conv2d", "the output gradient")?;
         let dw = conv2d_backward_weight_cols(x, l1.dims(), dy, &self.1, self.0, self.2.as_deref())?;
         Ok((CpuStorage::F32(dw), Shape::from(self.1.clone())))
     }
@@ -501,8 +495,8 @@ impl CustomOp2 for Conv2dAffine {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "the input")?;
-        let w = f32_slice(s2, l2, "the weight")?;
+        let x = op_f32(s1, l1, "conv2d", "the input")?;
+        let w = op_f32(s2, l2, "conv2d", "the weight")?;
         let (mut out, shape) = conv2d_forward(x, l1.dims(), w, l2.dims(), self.spec)?;
         let c = shape[3];
         if self.scale.len() != c || self.shift.len() != c {

@@ -15,6 +15,20 @@ pub fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
     }
 }
 
+/// The f32 values behind a custom op's input, which must be contiguous f32 CPU data; the error
+/// names the op and the input (`what`).
+pub fn op_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: {what} must be a contiguous f32 CPU tensor"),
+    }
+}
+
 /// Runs `f` on the contiguous f32 CPU data of `t`; `None` if `t` is not such a tensor.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (s, l) = t.storage_and_layout();

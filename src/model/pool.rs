@@ -38,10 +38,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("max pool: expected a contiguous f32 CPU tensor"),
-        };
+        let x = super::kernels::op_f32(s, l, "max pool", "the input")?;
         let &[n, h, w, c] = l.dims() else {
             candle_core::bail!("max pool: expected [n, h, w, c], got {:?}", l.dims())
         };
