@@ -1,5 +1,5 @@
 //! Runs ResNet-18 training steps (batch 16 × 3×64×64) for profiling: `perf record` this.
-//! Usage: resnet_profile [full|frozen] [steps]
+//! Usage: resnet_profile [full|frozen] [steps] (after 3 warm-up steps)
 use wick::config::{OptimConfig, OptimKind, ResnetArch};
 use wick::data::Batch;
 use wick::model::{Freeze, Grads, Loss, Model, ModelCtx, ParamStore, ResNet, ResNetConfig};
@@ -54,6 +54,22 @@ fn main() {
         ..Default::default()
     };
     let mut opt = Optimizer::new(&ocfg, &params);
+    // Warm-up steps, as the PyTorch script does: the first steps fault in the memory that
+    // later steps reuse.
+    for s in 0..3 {
+        let mut ctx = ModelCtx::train(0, 1000 + s);
+        net.loss_and_grad(
+            &batch,
+            Loss::CrossEntropy,
+            &mut ctx,
+            &params,
+            &mut grads,
+            1.0,
+        )
+        .unwrap();
+        opt.step(&params, &grads, 0.01).unwrap();
+        grads.zero();
+    }
     let t = std::time::Instant::now();
     for s in 0..steps {
         let mut ctx = ModelCtx::train(0, s as u64);

@@ -47,6 +47,9 @@ fn conv2d_matches_candle_forward_and_gradients() {
         (2, 9, 9, 8, 4, 1, 2, 0, 1, 1),
         (1, 13, 6, 6, 6, 5, 3, 2, 1, 3),
         (2, 10, 10, 4, 4, 3, 2, 0, 2, 4),
+        // Few output pixels for many channels: im2col columns ordered (channel, ki, kj).
+        (1, 4, 4, 8, 32, 3, 1, 1, 1, 1),
+        (2, 3, 3, 16, 64, 3, 2, 1, 1, 1),
     ];
     for &(n, h, w, cin, cout, k, stride, padding, dilation, groups) in &cases {
         let spec = ConvSpec {

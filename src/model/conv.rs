@@ -118,6 +118,13 @@ impl Geom {
             && self.s.padding == 0
             && self.groups() == 1
     }
+    /// Whether im2col columns are ordered `(ki, kj, channel)` (whole channel runs copied, the
+    /// weight permuted to match) rather than `(channel, ki, kj)` (the weight as it is). The
+    /// first pays when the im2col matrix is much larger than the weight: early layers, where
+    /// permuting a small weight costs less than scattering the columns.
+    fn channel_inner(&self) -> bool {
+        self.groups() == 1 && self.p() > 4 * self.cout
+    }
     /// Input row `oh·stride + ki·dilation − padding`, if inside the image.
     fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
         let i = (o * self.s.stride + k * self.s.dilation) as isize - self.s.padding as isize;
@@ -155,11 +162,12 @@ fn with_cols<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// The im2col matrix `[P, K]` of group `gi`, columns ordered `(channel, ki, kj)` like the
-/// weight's `[in, kh, kw]`, so the weight is used as it is.
+/// The im2col matrix `[P, K]` of group `gi`, columns in the order [`Geom::channel_inner`]
+/// picks.
 fn im2col(x: &[f32], g: &Geom, gi: usize, col: &mut [f32]) {
     let (k, cg, kk) = (g.k(), g.cin_g(), g.kh * g.kw);
     let c0 = gi * cg;
+    let inner = g.channel_inner();
     col.par_chunks_mut(g.wo * k)
         .enumerate()
         .for_each(|(row, out)| {
@@ -170,14 +178,21 @@ fn im2col(x: &[f32], g: &Geom, gi: usize, col: &mut [f32]) {
                     let ih = g.src(oh, ki, g.h);
                     for kj in 0..g.kw {
                         let at = ki * g.kw + kj;
-                        match (ih, g.src(ow, kj, g.w)) {
+                        let src = match (ih, g.src(ow, kj, g.w)) {
                             (Some(ih), Some(iw)) => {
-                                let src = &x[((n * g.h + ih) * g.w + iw) * g.c + c0..][..cg];
+                                Some(&x[((n * g.h + ih) * g.w + iw) * g.c + c0..][..cg])
+                            }
+                            _ => None,
+                        };
+                        match (src, inner) {
+                            (Some(src), true) => dst[at * cg..][..cg].copy_from_slice(src),
+                            (None, true) => dst[at * cg..][..cg].fill(0.0),
+                            (Some(src), false) => {
                                 for (c, &v) in src.iter().enumerate() {
                                     dst[c * kk + at] = v;
                                 }
                             }
-                            _ => (0..cg).for_each(|c| dst[c * kk + at] = 0.0),
+                            (None, false) => (0..cg).for_each(|c| dst[c * kk + at] = 0.0),
                         }
                     }
                 }
@@ -185,11 +200,49 @@ fn im2col(x: &[f32], g: &Geom, gi: usize, col: &mut [f32]) {
         });
 }
 
+/// `[out, in, kh, kw]` → `[out, kh, kw, in]` (the `(ki, kj, channel)` column order), or back
+/// with `inverse`.
+fn permute_weight(w: &[f32], g: &Geom, inverse: bool) -> Vec<f32> {
+    let (ci, kk) = (g.cin_g(), g.kh * g.kw);
+    let mut out = vec![0f32; w.len()];
+    for (src, dst) in w.chunks_exact(ci * kk).zip(out.chunks_exact_mut(ci * kk)) {
+        for c in 0..ci {
+            for k in 0..kk {
+                if inverse {
+                    dst[c * kk + k] = src[k * ci + c];
+                } else {
+                    dst[k * ci + c] = src[c * kk + k];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A weight gradient computed in the column order of [`im2col`], in PyTorch's layout.
+fn weight_from_cols(dw: Vec<f32>, g: &Geom) -> Vec<f32> {
+    if g.channel_inner() {
+        permute_weight(&dw, g, true)
+    } else {
+        dw
+    }
+}
+
+/// The weight in the column order of [`im2col`].
+fn weight_for_cols<'a>(w: &'a [f32], g: &Geom) -> std::borrow::Cow<'a, [f32]> {
+    if g.channel_inner() {
+        std::borrow::Cow::Owned(permute_weight(w, g, false))
+    } else {
+        std::borrow::Cow::Borrowed(w)
+    }
+}
+
 /// Adds the column gradient `[P, K]` of group `gi` into `dx` (NHWC), one image per task.
 fn col2im_add(dcol: &[f32], g: &Geom, gi: usize, dx: &mut [f32]) {
     let (k, cg, kk) = (g.k(), g.cin_g(), g.kh * g.kw);
     let c0 = gi * cg;
     let rows = g.ho * g.wo;
+    let inner = g.channel_inner();
     dx.par_chunks_mut(g.h * g.w * g.c)
         .enumerate()
         .for_each(|(n, img)| {
@@ -206,8 +259,13 @@ fn col2im_add(dcol: &[f32], g: &Geom, gi: usize, dx: &mut [f32]) {
                             };
                             let at = ki * g.kw + kj;
                             let d = &mut img[(ih * g.w + iw) * g.c + c0..][..cg];
-                            for (c, d) in d.iter_mut().enumerate() {
-                                *d += src[c * kk + at];
+                            if inner {
+                                let s = &src[at * cg..][..cg];
+                                d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+                            } else {
+                                for (c, d) in d.iter_mut().enumerate() {
+                                    *d += src[c * kk + at];
+                                }
                             }
                         }
                     }
@@ -249,16 +307,17 @@ fn conv2d_forward_keep(
         let mut col = scratch(p * k);
         im2col(x, &g, 0, &mut col);
         let mut out = scratch(p * g.cout);
-        gemm_tiled(p, g.cout, k, &mut out, g.cout, false, &col, k, 1, w, 1, k);
+        let wr = weight_for_cols(w, &g);
+        gemm_tiled(p, g.cout, k, &mut out, g.cout, false, &col, k, 1, &wr, 1, k);
         *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
         return Ok((out, [g.n, g.ho, g.wo, g.cout]));
     }
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
-    let wr = w;
+    let wr = weight_for_cols(w, &g);
     let mut out = scratch(p * g.cout);
     if g.pointwise() {
         gemm_tiled(
-            p, g.cout, g.c, &mut out, g.cout, false, x, g.c, 1, wr, 1, g.c,
+            p, g.cout, g.c, &mut out, g.cout, false, x, g.c, 1, &wr, 1, g.c,
         );
     } else {
         with_cols(p * k, |col| {
@@ -294,11 +353,11 @@ pub fn conv2d_backward_input(
 ) -> candle_core::Result<Vec<f32>> {
     let g = Geom::new(xs, ws, s)?;
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
-    let wr = w;
+    let wr = weight_for_cols(w, &g);
     if g.pointwise() {
         let mut dx = scratch(g.n * g.h * g.w * g.c);
         gemm_tiled(
-            p, g.c, g.cout, &mut dx, g.c, false, dy, g.cout, 1, wr, g.c, 1,
+            p, g.c, g.cout, &mut dx, g.c, false, dy, g.cout, 1, &wr, g.c, 1,
         );
         return Ok(dx);
     }
@@ -351,7 +410,7 @@ fn conv2d_backward_weight_cols(
     let mut dwr = scratch(g.cout * k);
     if let Some(col) = cols.filter(|c| c.len() == p * k && g.groups() == 1) {
         gemm_tiled(g.cout, k, p, &mut dwr, k, false, dy, 1, g.cout, col, k, 1);
-        return Ok(dwr);
+        return Ok(weight_from_cols(dwr, &g));
     }
     if g.pointwise() {
         gemm_tiled(
@@ -378,7 +437,7 @@ fn conv2d_backward_weight_cols(
             }
         });
     }
-    Ok(dwr)
+    Ok(weight_from_cols(dwr, &g))
 }
 
 /// The forward op: `(x NHWC, weight)` → output NHWC. When the weight is trained, it keeps the
