@@ -84,14 +84,11 @@ pub(crate) fn load_run_model(run_dir: &std::path::Path, which: Which) -> anyhow:
     let run = crate::train::RunDir::open(run_dir)?;
     let cfg = run.config()?;
     let schema = run.schema()?;
-    let mut dir = run.checkpoint(match which {
+    let which = match which {
         Which::Best => "best",
         Which::Last => "last",
-    });
-    if crate::train::checkpoint::locate(&dir).is_err() {
-        dir = run.checkpoint("last");
-    }
-    let checkpoint = crate::train::checkpoint::locate(&dir)?;
+    };
+    let checkpoint = crate::train::checkpoint::locate_in_run(&run.path, which)?;
     let weights = checkpoint.join(crate::train::checkpoint::MODEL_FILE);
     let mut model_cfg = cfg.model.clone();
     if model_cfg.kind == crate::config::ModelKind::Resnet {

@@ -92,17 +92,12 @@ fn images(a: &PredictArgs) -> anyhow::Result<()> {
             a.run_dir.display()
         );
     }
-    let [c, h, w] = match *schema.input_shape.as_slice() {
-        [c, h, w] => [c, h, w],
-        [h, w] => [1, h, w],
-        _ => match cfg.model.input_shape.as_deref() {
-            Some(&[c, h, w]) => [c, h, w],
-            _ => anyhow::bail!(
-                "{}: the model was not trained on images (its input is {} features); use --input CSV",
-                a.run_dir.display(),
-                schema.input_dim
-            ),
-        },
+    let Some([c, h, w]) = crate::model::sample_shape(&cfg.model, &schema) else {
+        anyhow::bail!(
+            "{}: the model was not trained on images (its input is {} features); use --input CSV",
+            a.run_dir.display(),
+            schema.input_dim
+        );
     };
     if c * h * w != schema.input_dim {
         anyhow::bail!(

@@ -300,18 +300,6 @@ fn conv2d_forward_keep(
     keep: Option<&Cols>,
 ) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
     let g = Geom::new(xs, ws, s)?;
-    if let Some(keep) =
-        keep.filter(|_| !g.pointwise() && g.groups() == 1 && g.p() * g.k() <= KEEP_COLS_MAX)
-    {
-        let (p, k) = (g.p(), g.k());
-        let mut col = scratch(p * k);
-        im2col(x, &g, 0, &mut col);
-        let mut out = scratch(p * g.cout);
-        let wr = weight_for_cols(w, &g);
-        gemm_tiled(p, g.cout, k, &mut out, g.cout, false, &col, k, 1, &wr, 1, k);
-        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
-        return Ok((out, [g.n, g.ho, g.wo, g.cout]));
-    }
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
     let wr = weight_for_cols(w, &g);
     let mut out = scratch(p * g.cout);
@@ -319,26 +307,35 @@ fn conv2d_forward_keep(
         gemm_tiled(
             p, g.cout, g.c, &mut out, g.cout, false, x, g.c, 1, &wr, 1, g.c,
         );
-    } else {
-        with_cols(p * k, |col| {
-            for gi in 0..g.groups() {
-                im2col(x, &g, gi, col);
-                gemm_tiled(
-                    p,
-                    cog,
-                    k,
-                    &mut out[gi * cog..],
-                    g.cout,
-                    false,
-                    col,
-                    k,
-                    1,
-                    &wr[gi * cog * k..],
-                    1,
-                    k,
-                );
-            }
-        });
+        return Ok((out, [g.n, g.ho, g.wo, g.cout]));
+    }
+    let mut run = |col: &mut [f32]| {
+        for gi in 0..g.groups() {
+            im2col(x, &g, gi, col);
+            gemm_tiled(
+                p,
+                cog,
+                k,
+                &mut out[gi * cog..],
+                g.cout,
+                false,
+                col,
+                k,
+                1,
+                &wr[gi * cog * k..],
+                1,
+                k,
+            );
+        }
+    };
+    // The weight gradient reuses the matrix (ungrouped convolutions of bounded size).
+    match keep.filter(|_| g.groups() == 1 && p * k <= KEEP_COLS_MAX) {
+        Some(keep) => {
+            let mut col = scratch(p * k);
+            run(&mut col);
+            *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
+        }
+        None => with_cols(p * k, run),
     }
     Ok((out, [g.n, g.ho, g.wo, g.cout]))
 }

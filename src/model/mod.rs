@@ -290,6 +290,16 @@ pub fn build(
     }
 }
 
+/// `[channels, height, width]` of a sample: `model.input_shape`, else the data's shape
+/// (`[h, w]` is one channel); `None` for plain feature vectors.
+pub fn sample_shape(cfg: &ModelConfig, schema: &Schema) -> Option<[usize; 3]> {
+    match (cfg.input_shape.as_deref(), schema.input_shape.as_slice()) {
+        (Some(&[c, h, w]), _) | (None, &[c, h, w]) => Some([c, h, w]),
+        (None, &[h, w]) => Some([1, h, w]),
+        _ => None,
+    }
+}
+
 /// A ResNet for `schema`'s images, with pretrained backbone weights when configured.
 pub fn build_resnet(
     cfg: &ModelConfig,
@@ -302,15 +312,11 @@ pub fn build_resnet(
             "model.kind = \"resnet\" classifies; the data's label is a regression target (set data.task = \"classification\" for class labels)".into(),
         ));
     }
-    let shape: [usize; 3] = match (cfg.input_shape.as_deref(), schema.input_shape.as_slice()) {
-        (Some(&[c, h, w]), _) | (None, &[c, h, w]) => [c, h, w],
-        (None, &[h, w]) => [1, h, w],
-        _ => {
-            return Err(Error::Config(format!(
-                "model.kind = \"resnet\" needs images, but each sample is a vector of {} features; set model.input_shape = [channels, height, width] (e.g. [1, 28, 28])",
-                schema.input_dim
-            )))
-        }
+    let Some(shape) = sample_shape(cfg, schema) else {
+        return Err(Error::Config(format!(
+            "model.kind = \"resnet\" needs images, but each sample is a vector of {} features; set model.input_shape = [channels, height, width] (e.g. [1, 28, 28])",
+            schema.input_dim
+        )));
     };
     if shape.iter().product::<usize>() != schema.input_dim {
         return Err(Error::Config(format!(

@@ -30,11 +30,8 @@ fn local_file(p: &Path) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     if p.join("config.toml").is_file() {
-        for which in ["best", "last"] {
-            let dir = p.join("checkpoints").join(which);
-            if let Ok(d) = crate::train::checkpoint::locate(&dir) {
-                return Ok(d.join(crate::train::checkpoint::MODEL_FILE));
-            }
+        if let Ok(d) = crate::train::checkpoint::locate_in_run(p, "best") {
+            return Ok(d.join(crate::train::checkpoint::MODEL_FILE));
         }
         return Err(Error::Checkpoint(format!(
             "{}: the run has no checkpoint yet; train it first (wick train) or point model.pretrained at a weights file",

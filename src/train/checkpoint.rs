@@ -145,6 +145,13 @@ pub fn locate(dir: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// The checkpoint directory `which` (`best` or `last`) of the run in `run_dir`, falling back to
+/// `last` when there is no `best` yet.
+pub fn locate_in_run(run_dir: &Path, which: &str) -> Result<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    locate(&dir.join(which)).or_else(|_| locate(&dir.join("last")))
+}
+
 /// Reads the trainer state of a checkpoint directory.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);

@@ -352,7 +352,7 @@ impl Trainer {
 
         let device = store.device().clone();
         let mut last_metrics = Metrics::new();
-        let mut stop = st.stopped_early || st.epoch >= t.epochs;
+        let mut stop = stop_before(&st, t.epochs);
         while !stop && st.epoch < t.epochs {
             let epoch = st.epoch;
             let plan = self.plan(epoch as u64);
