@@ -33,7 +33,13 @@ pub fn validate(cfg: &mut Config, origin: &str) -> Result<()> {
 /// Parses config text (named `origin` in errors) and applies overrides, without validation.
 pub fn load_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
     let cfg: Config = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
-    if overrides.is_empty() {
+    let is_bert = |t: &toml::Table| {
+        t.get("model")
+            .and_then(|m| m.get("kind"))
+            .and_then(|k| k.as_str())
+            == Some("bert")
+    };
+    if overrides.is_empty() && cfg.model.kind != super::ModelKind::Bert {
         return Ok(cfg);
     }
     let mut table: toml::Table = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
@@ -45,7 +51,39 @@ pub fn load_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config
         Config::deserialize(table.clone())
             .map_err(|e| Error::Config(format!("--set {ov}: {}", explain(e.message(), &key))))?;
     }
-    Ok(Config::deserialize(table).expect("checked after each override"))
+    if is_bert(&table) {
+        recipe_defaults(&mut table, BERT_RECIPE);
+    }
+    Config::deserialize(table).map_err(|e| Error::Config(format!("{origin}: {}", e.message())))
+}
+
+/// The Hugging Face Trainer's fine-tuning recipe, the defaults of `model.kind = "bert"`:
+/// AdamW at 5e-5 with weight decay 0.01 except on biases and layer norms, a linear warm-up
+/// over the first 10% of steps then linear decay, and gradient clipping at 1.0.
+const BERT_RECIPE: &[(&str, &str, &str)] = &[
+    ("optim", "kind", "\"adamw\""),
+    ("optim", "lr", "5e-5"),
+    ("optim", "no_decay", "[\"bias\", \"LayerNorm.weight\"]"),
+    ("schedule", "kind", "\"linear\""),
+    ("schedule", "warmup_ratio", "0.1"),
+    ("train", "clip_norm", "1.0"),
+];
+
+/// Sets each `(section, key, value)` of `recipe` that the file does not set.
+fn recipe_defaults(table: &mut toml::Table, recipe: &[(&str, &str, &str)]) {
+    for (section, key, value) in recipe {
+        let sec = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if let Some(sec) = sec.as_table_mut() {
+            if !sec.contains_key(*key) {
+                let v: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                    .expect("recipe values are valid TOML")["v"]
+                    .clone();
+                sec.insert(key.to_string(), v);
+            }
+        }
+    }
 }
 
 /// Splits `a.b.c=value` and parses the value as TOML (bare words become strings). Keys use

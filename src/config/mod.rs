@@ -225,6 +225,7 @@ impl Default for DataConfig {
 pub enum ModelKind {
     Mlp,
     Resnet,
+    Bert,
 }
 
 /// ResNet depths (torchvision's layouts).
@@ -278,6 +279,12 @@ pub struct ModelConfig {
     pub input_shape: Option<Vec<usize>>,
     /// ResNet: how many of the four stages to keep (the head reads the last one kept).
     pub stages: usize,
+    /// BERT: `"cls"` (the pooler over `[CLS]`) or `"mean"` (masked mean of the tokens).
+    pub pooling: String,
+    /// BERT: truncation length in tokens (overrides `data.max_len`).
+    pub max_len: Option<usize>,
+    /// BERT: dropout before the classifier.
+    pub classifier_dropout: f32,
 }
 
 impl Default for ModelConfig {
@@ -296,6 +303,9 @@ impl Default for ModelConfig {
             in_channels: None,
             input_shape: None,
             stages: 4,
+            pooling: "cls".into(),
+            max_len: None,
+            classifier_dropout: 0.1,
         }
     }
 }

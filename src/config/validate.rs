@@ -6,6 +6,31 @@ use std::path::{Path, PathBuf};
 use super::{Config, OptimKind, ScheduleKind, Task};
 use crate::{Error, Result};
 
+/// A BERT's pretrained directory (relative paths resolved like data paths), its tokenizer as
+/// the data's default, and `model.max_len` as the data's truncation length.
+fn resolve_bert(cfg: &mut Config, origin: &str, base: &Path) -> Result<()> {
+    let Some(spec) = cfg.model.pretrained.clone() else {
+        return Err(Error::Config(format!(
+            "{origin}: model.kind = \"bert\" needs `model.pretrained` = a Hugging Face model directory or hf:OWNER/NAME, e.g. \"checkpoints/pretrained/all-MiniLM-L6-v2\" (fetched by scripts/fetch-minilm.sh)"
+        )));
+    };
+    if !spec.starts_with("hf:") {
+        let p = resolve(origin, "model.pretrained", Path::new(&spec), base)?;
+        cfg.model.pretrained = Some(p.display().to_string());
+    }
+    if cfg.data.tokenizer.is_none() {
+        let files = crate::model::bert::ModelFiles::locate(
+            cfg.model.pretrained.as_deref().unwrap_or_default(),
+        )
+        .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        cfg.data.tokenizer = Some(files.tokenizer);
+    }
+    if let Some(n) = cfg.model.max_len {
+        cfg.data.max_len = n;
+    }
+    Ok(())
+}
+
 /// Resolves relative data paths (working directory first, then the config's directory) to
 /// absolute ones and checks every value's range.
 pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) -> Result<()> {
@@ -29,6 +54,9 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
     cfg.data.image.validate(origin)?;
     if let Some(p) = &cfg.data.tokenizer {
         cfg.data.tokenizer = Some(resolve(origin, "data.tokenizer", p, base)?);
+    }
+    if cfg.model.kind == super::ModelKind::Bert {
+        resolve_bert(cfg, origin, base)?;
     }
     if cfg.data.max_len < 2 || cfg.data.max_len > 1 << 16 {
         return bad(
@@ -139,7 +167,36 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             );
         }
     }
-    if crate::model::resnet::Freeze::parse(&m.freeze).is_none() {
+    if m.kind == super::ModelKind::Bert {
+        if crate::model::BertFreeze::parse(&m.freeze).is_none() {
+            return bad(
+                "model.freeze",
+                format!("{:?}", m.freeze),
+                "\"none\", \"encoder\", \"embeddings\" or \"layers:N\" for a BERT",
+            );
+        }
+        if crate::model::Pooling::parse(&m.pooling).is_none() {
+            return bad(
+                "model.pooling",
+                format!("{:?}", m.pooling),
+                "\"cls\" (the pooler, as BertForSequenceClassification) or \"mean\" (as sentence-transformers)",
+            );
+        }
+        if !(0.0..1.0).contains(&m.classifier_dropout) {
+            return bad(
+                "model.classifier_dropout",
+                m.classifier_dropout.to_string(),
+                "a probability in [0, 1), e.g. 0.1",
+            );
+        }
+        if m.max_len.is_some_and(|n| !(2..=1 << 16).contains(&n)) {
+            return bad(
+                "model.max_len",
+                format!("{}", m.max_len.unwrap_or(0)),
+                "a token count from 2 to 65536, e.g. 128",
+            );
+        }
+    } else if crate::model::resnet::Freeze::parse(&m.freeze).is_none() {
         return bad(
             "model.freeze",
             format!("{:?}", m.freeze),
@@ -336,7 +393,8 @@ fn resolve(origin: &str, key: &str, p: &Path, base: &Path) -> Result<PathBuf> {
         vec![cwd.join(p), base.join(p)]
     };
     for c in &candidates {
-        let run_dir = key == "model.pretrained" && c.join("config.toml").is_file();
+        // model.pretrained may also name a run directory or a model directory.
+        let run_dir = key == "model.pretrained" && c.is_dir();
         if c.is_file() || c.join(crate::data::shard::MANIFEST).is_file() || run_dir {
             let abs = c.canonicalize().unwrap_or_else(|_| c.clone());
             if abs.to_str().is_none() {

@@ -40,6 +40,28 @@ pub fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// Token ids `[n, L]` (u32) and the attention mask `[n, L]` (u32, 1 = token) of `texts`,
+/// tokenized in parallel and padded to the longest (at most the tokenizer's truncation length).
+pub fn encode_batch(tok: &Tokenizer, texts: &[&str], device: &Device) -> Result<(Tensor, Tensor)> {
+    let enc = tok
+        .encode_batch(texts.to_vec(), true)
+        .map_err(|e| Error::Data(format!("tokenization failed: {e}")))?;
+    let n = texts.len();
+    let l = enc.first().map(|e| e.get_ids().len()).unwrap_or(0);
+    let ids: Vec<u32> = enc
+        .iter()
+        .flat_map(|e| e.get_ids().iter().copied())
+        .collect();
+    let mask: Vec<u32> = enc
+        .iter()
+        .flat_map(|e| e.get_attention_mask().iter().copied())
+        .collect();
+    Ok((
+        Tensor::from_vec(ids, (n, l), device)?,
+        Tensor::from_vec(mask, (n, l), device)?,
+    ))
+}
+
 /// Labelled raw text from shards, tokenized per batch (the tokenizer encodes the batch's texts
 /// in parallel). A batch holds token ids `[n, L]` in `x`, the attention mask, and the labels,
 /// where `L` is the longest sequence in the batch (at most `max_len`).
@@ -89,31 +111,18 @@ impl Source for TextSource {
             .iter()
             .map(|&i| self.text(i as usize))
             .collect::<Result<_>>()?;
-        let enc = self.tokenizer.encode_batch(texts, true).map_err(|e| {
-            Error::Data(format!(
-                "{}: tokenization failed: {e}",
-                self.set.dir.display()
-            ))
-        })?;
+        let (x, mask) = encode_batch(&self.tokenizer, &texts, device)
+            .map_err(|e| Error::Data(format!("{}: {e}", self.set.dir.display())))?;
         let n = idx.len();
-        let l = enc.first().map(|e| e.get_ids().len()).unwrap_or(0);
-        let ids: Vec<u32> = enc
-            .iter()
-            .flat_map(|e| e.get_ids().iter().copied())
-            .collect();
-        let mask: Vec<u32> = enc
-            .iter()
-            .flat_map(|e| e.get_attention_mask().iter().copied())
-            .collect();
         let y: Vec<u32> = idx
             .iter()
             .map(|&i| self.set.label(self.label, i as usize) as u32)
             .collect();
         Ok(Batch {
-            x: Tensor::from_vec(ids, (n, l), device)?,
+            x,
             y: Tensor::from_vec(y, n, device)?,
             n,
-            mask: Some(Tensor::from_vec(mask, (n, l), device)?),
+            mask: Some(mask),
         })
     }
 

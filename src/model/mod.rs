@@ -7,15 +7,20 @@
 //! the same gradients.
 
 pub mod act;
+pub mod attention;
 pub mod batchnorm;
+pub mod bert;
 pub mod conv;
 pub mod kernels;
+pub mod layer_norm;
+pub mod linear;
 pub mod mlp;
 pub mod pool;
 pub mod pretrained;
 pub mod resnet;
 mod store;
 
+pub use bert::{Bert, BertConfig, BertFreeze, BertOptions, Pooling};
 pub use mlp::Mlp;
 pub use resnet::{Freeze, ResNet, ResNetConfig};
 pub use store::{read_safetensors, tensors_to_safetensors, Param, ParamStore};
@@ -59,6 +64,7 @@ pub struct ModelCtx {
     train: bool,
     rng: Rng,
     cached: bool,
+    mask: Option<Tensor>,
 }
 
 impl ModelCtx {
@@ -69,6 +75,7 @@ impl ModelCtx {
             train: true,
             rng: Rng::keyed(seed, "dropout", key),
             cached: false,
+            mask: None,
         }
     }
 
@@ -78,6 +85,7 @@ impl ModelCtx {
             train: false,
             rng: Rng::new(0),
             cached: false,
+            mask: None,
         }
     }
 
@@ -86,6 +94,22 @@ impl ModelCtx {
     pub fn with_cached_features(mut self, cached: bool) -> Self {
         self.cached = cached;
         self
+    }
+
+    /// The batch's attention mask (`[n, L]`, 1 = token, 0 = padding) for token inputs.
+    pub fn with_mask(mut self, mask: Option<Tensor>) -> Self {
+        self.mask = mask;
+        self
+    }
+
+    /// Sets the attention mask (see [`Self::with_mask`]).
+    pub fn set_mask(&mut self, mask: Option<Tensor>) {
+        self.mask = mask;
+    }
+
+    /// The attention mask of a token batch, if any.
+    pub fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
     }
 
     /// Whether the input is cached features rather than raw samples.
@@ -199,9 +223,10 @@ pub trait Model: Send {
         None
     }
 
-    /// The frozen part's output for raw inputs `xs` (evaluation mode, no gradient).
-    fn features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let _ = xs;
+    /// The frozen part's output for raw inputs `xs` (evaluation mode, no gradient); `mask` is
+    /// the attention mask of a token batch.
+    fn features(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let _ = (xs, mask);
         candle_core::bail!("this model has no cacheable features")
     }
 
@@ -230,6 +255,7 @@ pub fn autograd_loss_and_grad<M: Model + ?Sized>(
     grads: &mut Grads,
     scale: f32,
 ) -> Result<f64> {
+    ctx.set_mask(batch.mask.clone());
     let out = model.forward(&batch.x, ctx)?;
     let l = loss.compute(&out, &batch.y)?;
     let gs = l.backward()?;
@@ -271,7 +297,7 @@ pub fn build(
 ) -> Result<Box<dyn Model>> {
     match cfg.kind {
         ModelKind::Mlp if schema.modality == "text" => Err(Error::Config(
-            "the data is text (token ids); an MLP needs feature vectors: use a text model (model.kind = \"bert\", coming with BERT support)".into(),
+            "the data is text (token ids); an MLP needs feature vectors: use model.kind = \"bert\" with model.pretrained = a Hugging Face model directory".into(),
         )),
         ModelKind::Mlp => {
             let store = ParamStore::with_device(seed, device.clone());
@@ -287,7 +313,73 @@ pub fn build(
             Ok(Box::new(mlp))
         }
         ModelKind::Resnet => Ok(Box::new(build_resnet(cfg, schema, seed, device)?)),
+        ModelKind::Bert => Ok(Box::new(build_bert(cfg, schema, seed, device)?)),
     }
+}
+
+/// A BERT classifier for `schema`'s texts, from the pretrained encoder `model.pretrained`.
+pub fn build_bert(cfg: &ModelConfig, schema: &Schema, seed: u64, device: &Device) -> Result<Bert> {
+    if schema.modality != "text" {
+        return Err(Error::Config(format!(
+            "model.kind = \"bert\" reads text, but the data is {}; pack labelled text with `wick data pack text FILE.jsonl --out DIR`",
+            schema.modality
+        )));
+    }
+    if schema.task != Task::Classification {
+        return Err(Error::Config(
+            "model.kind = \"bert\" classifies; set data.task = \"classification\"".into(),
+        ));
+    }
+    let num_classes = cfg.num_classes.unwrap_or(schema.outputs());
+    if num_classes < schema.outputs() {
+        return Err(Error::Config(format!(
+            "model.num_classes = {num_classes}, but the data has {} classes; remove model.num_classes or raise it",
+            schema.outputs()
+        )));
+    }
+    load_bert(cfg, num_classes, seed, device)
+}
+
+/// A BERT encoder from `model.pretrained` with a `num_classes`-way head (0: no head).
+pub fn load_bert(
+    cfg: &ModelConfig,
+    num_classes: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Bert> {
+    let Some(spec) = cfg.pretrained.as_deref() else {
+        return Err(Error::Config(
+            "model.kind = \"bert\" needs model.pretrained = a Hugging Face model directory (config.json, tokenizer.json, model.safetensors) or hf:OWNER/NAME, e.g. \"checkpoints/pretrained/all-MiniLM-L6-v2\" (scripts/fetch-minilm.sh)".into(),
+        ));
+    };
+    let files = bert::ModelFiles::locate(spec)?;
+    let config = BertConfig::load(&files.config)?;
+    let pooling = Pooling::parse(&cfg.pooling).ok_or_else(|| {
+        Error::Config(format!(
+            "model.pooling = {:?}: expected \"cls\" or \"mean\"",
+            cfg.pooling
+        ))
+    })?;
+    let freeze = BertFreeze::parse(&cfg.freeze).ok_or_else(|| {
+        Error::Config(format!(
+            "model.freeze = {:?}: a BERT takes \"none\", \"encoder\", \"embeddings\" or \"layers:N\"",
+            cfg.freeze
+        ))
+    })?;
+    let store = ParamStore::with_device(seed, device.clone());
+    let bert = Bert::new(
+        store,
+        config,
+        BertOptions {
+            num_classes,
+            pooling,
+            freeze,
+            classifier_dropout: cfg.classifier_dropout,
+        },
+    )?;
+    let weights = pretrained::read_weights(&files.weights, device)?;
+    bert.load_weights(&files.weights.display().to_string(), &weights)?;
+    Ok(bert)
 }
 
 /// `[channels, height, width]` of a sample: `model.input_shape`, else the data's shape

@@ -11,7 +11,7 @@ use super::read_safetensors;
 use crate::{Error, Result};
 
 /// Weight files looked for, in order, in a hub repository or model directory.
-const WEIGHT_FILES: [&str; 3] = ["model.safetensors", "pytorch_model.bin", "model.pth"];
+pub const WEIGHT_FILES: [&str; 3] = ["model.safetensors", "pytorch_model.bin", "model.pth"];
 
 /// Reads the weights named by `spec`; returns a description of where they came from (for
 /// errors) and the tensors by state-dict name.
@@ -84,6 +84,17 @@ pub fn read_weights(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
 /// The weights file of hub repository `repo`, from the local hub cache (`HF_HUB_CACHE`,
 /// `HF_HOME/hub` or `~/.cache/huggingface/hub`) or, when absent, downloaded into it.
 fn hub_file(repo: &str) -> Result<PathBuf> {
+    hub_get(repo, &[])
+}
+
+/// The snapshot directory of hub repository `repo` holding a weights file and every file of
+/// `also` (e.g. `config.json`, `tokenizer.json`), from the hub cache or downloaded into it.
+pub fn hub_dir(repo: &str, also: &[&str]) -> Result<PathBuf> {
+    let weights = hub_get(repo, also)?;
+    Ok(weights.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+fn hub_get(repo: &str, also: &[&str]) -> Result<PathBuf> {
     if repo.is_empty() || repo.contains(char::is_whitespace) {
         return Err(Error::Config(format!(
             "model.pretrained = \"hf:{repo}\": expected hf:OWNER/NAME, e.g. hf:timm/resnet18.a1_in1k"
@@ -95,16 +106,24 @@ fn hub_file(repo: &str) -> Result<PathBuf> {
         None => hf_hub::Cache::from_env(),
     };
     let cached = cache.model(repo.to_string());
-    for f in WEIGHT_FILES {
-        if let Some(p) = cached.get(f) {
-            return Ok(p);
+    let extras_cached = also.iter().all(|f| cached.get(f).is_some());
+    if extras_cached {
+        for f in WEIGHT_FILES {
+            if let Some(p) = cached.get(f) {
+                return Ok(p);
+            }
         }
     }
+    let wanted = || {
+        let mut w: Vec<&str> = also.to_vec();
+        w.push(&"model.safetensors / pytorch_model.bin");
+        w.join(", ")
+    };
     if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
         return Err(Error::Config(format!(
-            "hf:{repo}: no {} in the hub cache at {} and HF_HUB_OFFLINE is set; download it first or unset HF_HUB_OFFLINE",
-            WEIGHT_FILES.join(" / "),
-            cache.path().display()
+            "hf:{repo}: the hub cache at {} lacks {} and HF_HUB_OFFLINE is set; download it first or unset HF_HUB_OFFLINE",
+            cache.path().display(),
+            wanted()
         )));
     }
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
@@ -112,6 +131,15 @@ fn hub_file(repo: &str) -> Result<PathBuf> {
         .build()
         .map_err(|e| Error::Config(format!("hf:{repo}: cannot start the hub client: {e}")))?;
     let remote = api.model(repo.to_string());
+    let fail = |e: String| {
+        Error::Config(format!(
+            "hf:{repo}: {} not in the local hub cache and the download failed ({e}); check the repository name and the network, or download the files and set model.pretrained to their directory",
+            wanted()
+        ))
+    };
+    for f in also {
+        remote.get(f).map_err(|e| fail(e.to_string()))?;
+    }
     let mut last = String::new();
     for f in WEIGHT_FILES {
         match remote.get(f) {
@@ -119,8 +147,5 @@ fn hub_file(repo: &str) -> Result<PathBuf> {
             Err(e) => last = e.to_string(),
         }
     }
-    Err(Error::Config(format!(
-        "hf:{repo}: no {} in the local hub cache and the download failed ({last}); check the repository name and the network, or download the file and set model.pretrained to its path",
-        WEIGHT_FILES.join(" / ")
-    )))
+    Err(fail(last))
 }

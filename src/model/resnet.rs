@@ -367,7 +367,7 @@ impl Model for ResNet {
         (self.cfg.freeze == Freeze::Backbone).then_some(self.features)
     }
 
-    fn features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    fn features(&self, xs: &Tensor, _mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.backbone(xs, false)
     }
 }

@@ -507,7 +507,9 @@ fn predict_with(model: &dyn Model, ds: &dyn Source, cached: bool) -> Result<Vec<
     let mut out = Vec::new();
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
-        let mut ctx = ModelCtx::eval().with_cached_features(cached);
+        let mut ctx = ModelCtx::eval()
+            .with_cached_features(cached)
+            .with_mask(b.mask.clone());
         let y = model.forward(&b.x, &mut ctx)?;
         out.extend(y.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -528,7 +530,7 @@ pub fn cache_features(model: &dyn Model, ds: &dyn Source) -> Result<Dataset> {
     let mut x = Vec::with_capacity(ds.len() * dim);
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
-        let f = model.features(&b.x)?;
+        let f = model.features(&b.x, b.mask.as_ref())?;
         x.extend(f.flatten_all()?.to_vec1::<f32>()?);
     }
     if x.len() != ds.len() * dim {

@@ -1,0 +1,363 @@
+//! Multi-head self-attention as one fused candle custom op: from the packed query/key/value
+//! projections `[n, L, 3·H]` and the attention mask `[n, L]` straight to the context
+//! `[n, L, H]`, one (sequence, head) pair per task. The `[n, heads, L, L]` scores never
+//! become candle tensors (no transposes, no copies); the backward pass recomputes them per
+//! pair, as flash attention does. Attention-probability dropout draws its mask from a hash of
+//! (seed, position), so the backward pass regenerates the same mask and runs stay
+//! reproducible.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::{gemm_tiled, op_f32};
+
+/// Settings of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    /// Dropout on the attention probabilities, and the seed of its mask.
+    pub dropout: f32,
+    pub seed: u64,
+}
+
+/// Scaled dot-product self-attention over packed `qkv` (`[n, L, 3·H]`: queries, keys, values)
+/// with `mask` (`[n, L]`, 1 = token, 0 = padding, f32). Returns `[n, L, H]`.
+pub fn attention(qkv: &Tensor, mask: &Tensor, spec: AttentionSpec) -> candle_core::Result<Tensor> {
+    let op = Attention(spec);
+    let (qkv, mask) = (qkv.contiguous()?, mask.contiguous()?);
+    if qkv.track_op() {
+        qkv.apply_op2(&mask, op)
+    } else {
+        qkv.apply_op2_no_bwd(&mask, &op)
+    }
+}
+
+struct Attention(AttentionSpec);
+
+/// `(n, L, H, d)` of an attention call, checked.
+fn dims(
+    spec: &AttentionSpec,
+    l: &Layout,
+    lm: &Layout,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (n, len, h3) = l.shape().dims3()?;
+    let h = h3 / 3;
+    if h3 % 3 != 0 || spec.heads == 0 || h % spec.heads != 0 {
+        candle_core::bail!(
+            "attention: packed width {h3} is not 3 × a multiple of {} heads",
+            spec.heads
+        );
+    }
+    if lm.dims() != [n, len] {
+        candle_core::bail!(
+            "attention: mask {:?} does not match the sequences [{n}, {len}]",
+            lm.dims()
+        );
+    }
+    Ok((n, len, h, h / spec.heads))
+}
+
+/// Whether attention probability (pair, i, j) is kept by dropout.
+#[inline]
+fn keep(seed: u64, pair: usize, i: usize, j: usize, len: usize, p: f32) -> bool {
+    let mut z = seed ^ ((pair * len + i) * len + j) as u64;
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    ((z >> 40) as f32) / ((1u64 << 24) as f32) >= p
+}
+
+/// One (sequence, head) pair's probabilities `P` (softmax of the masked, scaled scores).
+struct Pair {
+    b: usize,
+    head: usize,
+    len: usize,
+    h: usize,
+    d: usize,
+}
+
+impl Pair {
+    fn new(index: usize, heads: usize, len: usize, h: usize, d: usize) -> Self {
+        Self {
+            b: index / heads,
+            head: index % heads,
+            len,
+            h,
+            d,
+        }
+    }
+
+    /// Offset of this pair's query (`part` 0), key (1) or value (2) block in `qkv`.
+    fn at(&self, part: usize) -> usize {
+        self.b * self.len * 3 * self.h + part * self.h + self.head * self.d
+    }
+
+    /// Softmax of the scaled scores with padding masked out, into `p` (`L×L`).
+    fn probs(&self, qkv: &[f32], mask: &[f32], p: &mut [f32]) {
+        let (len, d, rs) = (self.len, self.d, 3 * self.h);
+        gemm_tiled(
+            len,
+            len,
+            d,
+            p,
+            len,
+            false,
+            &qkv[self.at(0)..],
+            rs,
+            1,
+            &qkv[self.at(1)..],
+            1,
+            rs,
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let m = &mask[self.b * len..(self.b + 1) * len];
+        for row in p.chunks_exact_mut(len) {
+            let mut max = f32::NEG_INFINITY;
+            for (s, &m) in row.iter_mut().zip(m) {
+                *s = if m > 0.0 {
+                    *s * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max = max.max(*s);
+            }
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let mut sum = 0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+    }
+
+    /// Multiplies `p` by the dropout mask (kept values scaled by `1 / (1 − p)`).
+    fn drop(&self, spec: &AttentionSpec, p: &mut [f32]) {
+        if spec.dropout <= 0.0 {
+            return;
+        }
+        let pair = self.b * spec.heads + self.head;
+        let scale = 1.0 / (1.0 - spec.dropout);
+        for (i, row) in p.chunks_exact_mut(self.len).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if keep(spec.seed, pair, i, j, self.len, spec.dropout) {
+                    *v * scale
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Writes per-pair `L×d` blocks into `[n, L, width]` at column `col(pair)`.
+fn scatter<'a>(
+    out: &mut [f32],
+    block: impl Fn(usize) -> &'a [f32] + Sync,
+    heads: usize,
+    len: usize,
+    width: usize,
+    d: usize,
+    col: impl Fn(usize) -> usize + Sync,
+) {
+    out.par_chunks_mut(len * width)
+        .enumerate()
+        .for_each(|(b, seq)| {
+            for head in 0..heads {
+                let blk = block(b * heads + head);
+                let c = col(head);
+                for (row, src) in seq.chunks_exact_mut(width).zip(blk.chunks_exact(d)) {
+                    row[c..c + d].copy_from_slice(src);
+                }
+            }
+        });
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "wick-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let spec = &self.0;
+        let (n, len, h, d) = dims(spec, l1, l2)?;
+        let qkv = op_f32(s1, l1, "attention", "the packed projections")?;
+        let mask = op_f32(s2, l2, "attention", "the mask")?;
+        let blocks: Vec<Vec<f32>> = (0..n * spec.heads)
+            .into_par_iter()
+            .map(|i| {
+                let pair = Pair::new(i, spec.heads, len, h, d);
+                let mut p = vec![0f32; len * len];
+                pair.probs(qkv, mask, &mut p);
+                pair.drop(spec, &mut p);
+                let mut o = vec![0f32; len * d];
+                gemm_tiled(
+                    len,
+                    d,
+                    len,
+                    &mut o,
+                    d,
+                    false,
+                    &p,
+                    len,
+                    1,
+                    &qkv[pair.at(2)..],
+                    3 * h,
+                    1,
+                );
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; n * len * h];
+        scatter(
+            &mut out,
+            |i| &blocks[i],
+            spec.heads,
+            len,
+            h,
+            d,
+            |head| head * d,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n, len, h))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = qkv.apply_op3_no_bwd(mask, &dout.contiguous()?, &AttentionGrad(self.0))?;
+        Ok((Some(g), None))
+    }
+}
+
+/// The gradient of [`Attention`] with respect to the packed projections.
+struct AttentionGrad(AttentionSpec);
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "wick-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let spec = &self.0;
+        let (n, len, h, d) = dims(spec, l1, l2)?;
+        let qkv = op_f32(s1, l1, "attention backward", "the packed projections")?;
+        let mask = op_f32(s2, l2, "attention backward", "the mask")?;
+        let dout = op_f32(s3, l3, "attention backward", "the output gradient")?;
+        let rs = 3 * h;
+        let scale = 1.0 / (d as f32).sqrt();
+        let keep_scale = 1.0 / (1.0 - spec.dropout.max(0.0));
+        let blocks: Vec<[Vec<f32>; 3]> = (0..n * spec.heads)
+            .into_par_iter()
+            .map(|i| {
+                let pair = Pair::new(i, spec.heads, len, h, d);
+                let mut p = vec![0f32; len * len];
+                pair.probs(qkv, mask, &mut p);
+                let mut pd = p.clone();
+                pair.drop(spec, &mut pd);
+                let dob = &dout[pair.b * len * h + pair.head * d..];
+                // dV = P'ᵀ·dO.
+                let mut dv = vec![0f32; len * d];
+                gemm_tiled(len, d, len, &mut dv, d, false, &pd, 1, len, dob, h, 1);
+                // dP' = dO·Vᵀ, then through dropout and the softmax.
+                let mut dp = vec![0f32; len * len];
+                gemm_tiled(
+                    len,
+                    len,
+                    d,
+                    &mut dp,
+                    len,
+                    false,
+                    dob,
+                    h,
+                    1,
+                    &qkv[pair.at(2)..],
+                    1,
+                    rs,
+                );
+                for ((dp, p), pd) in dp
+                    .chunks_exact_mut(len)
+                    .zip(p.chunks_exact(len))
+                    .zip(pd.chunks_exact(len))
+                {
+                    if spec.dropout > 0.0 {
+                        for (g, &k) in dp.iter_mut().zip(pd) {
+                            *g = if k != 0.0 { *g * keep_scale } else { 0.0 };
+                        }
+                    }
+                    let dot: f32 = dp.iter().zip(p).map(|(g, p)| g * p).sum();
+                    for (g, &p) in dp.iter_mut().zip(p) {
+                        *g = p * (*g - dot) * scale;
+                    }
+                }
+                // dQ = dS·K, dK = dSᵀ·Q.
+                let mut dq = vec![0f32; len * d];
+                gemm_tiled(
+                    len,
+                    d,
+                    len,
+                    &mut dq,
+                    d,
+                    false,
+                    &dp,
+                    len,
+                    1,
+                    &qkv[pair.at(1)..],
+                    rs,
+                    1,
+                );
+                let mut dk = vec![0f32; len * d];
+                gemm_tiled(
+                    len,
+                    d,
+                    len,
+                    &mut dk,
+                    d,
+                    false,
+                    &dp,
+                    1,
+                    len,
+                    &qkv[pair.at(0)..],
+                    rs,
+                    1,
+                );
+                [dq, dk, dv]
+            })
+            .collect();
+        let mut out = vec![0f32; n * len * rs];
+        for part in 0..3 {
+            scatter(
+                &mut out,
+                |i| &blocks[i][part],
+                spec.heads,
+                len,
+                rs,
+                d,
+                |head| part * h + head * d,
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, len, rs))))
+    }
+}

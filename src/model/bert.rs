@@ -1,0 +1,578 @@
+//! BERT-family encoders for sequence classification and sentence embeddings, with Hugging
+//! Face's parameter names (`embeddings.*`, `encoder.layer.N.*`, `pooler.*`) plus a new
+//! `classifier.*` head, so that `BertModel` and `BertForSequenceClassification` checkpoints
+//! load unchanged.
+//!
+//! Every parameter lives in the seeded [`ParamStore`], so the whole encoder can be fine-tuned.
+//! Dropout is real and seeded (candle-transformers' is a no-op). The hot paths are wick custom
+//! ops: a fused linear layer, layer norm with a backward pass, and fused multi-head attention
+//! that never materialises the score tensor. Frozen parts ([`BertFreeze`]) are read detached
+//! and run in evaluation mode; with the whole encoder frozen, the trainer caches the pooled
+//! embeddings once ([`Model::cached_features`]).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, IndexOp, Tensor, D};
+use candle_nn::Init;
+use serde::Deserialize;
+
+use super::attention::{attention, AttentionSpec};
+use super::layer_norm::layer_norm;
+use super::linear::linear;
+use super::{Model, ModelCtx, ParamStore};
+use crate::{Error, Result};
+
+/// The fields of a Hugging Face `config.json` that a BERT encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f32,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f32,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f32 {
+    0.1
+}
+
+impl BertConfig {
+    /// Reads and checks `config.json`: a BERT-family encoder with absolute positions and a GELU.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "{}: cannot read the model's config.json ({e}); model.pretrained must be a Hugging Face model directory (config.json, tokenizer.json, model.safetensors) or hf:OWNER/NAME",
+                path.display()
+            ))
+        })?;
+        let kind: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))?;
+        let model_type = kind
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if model_type != "bert" {
+            return Err(Error::Config(format!(
+                "{}: model_type = {model_type:?}, but model.kind = \"bert\" needs a BERT encoder (model_type \"bert\", e.g. sentence-transformers/all-MiniLM-L6-v2 or bert-base-uncased)",
+                path.display()
+            )));
+        }
+        let cfg: BertConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: not a BERT config: {e}", path.display())))?;
+        if cfg.hidden_size % cfg.num_attention_heads.max(1) != 0 || cfg.num_attention_heads == 0 {
+            return Err(Error::Config(format!(
+                "{}: hidden_size {} is not a multiple of num_attention_heads {}",
+                path.display(),
+                cfg.hidden_size,
+                cfg.num_attention_heads
+            )));
+        }
+        if !matches!(
+            cfg.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return Err(Error::Config(format!(
+                "{}: hidden_act = {:?} is not supported; expected \"gelu\", \"gelu_new\" or \"relu\"",
+                path.display(),
+                cfg.hidden_act
+            )));
+        }
+        if let Some(p) = cfg.position_embedding_type.as_deref() {
+            if p != "absolute" {
+                return Err(Error::Config(format!(
+                    "{}: position_embedding_type = {p:?} is not supported; expected \"absolute\"",
+                    path.display()
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// How a sequence becomes one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The `[CLS]` token through the pooler (dense + tanh), as `BertForSequenceClassification`.
+    Cls,
+    /// The mean of the token vectors under the attention mask, as sentence-transformers.
+    Mean,
+}
+
+impl Pooling {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cls" => Some(Pooling::Cls),
+            "mean" => Some(Pooling::Mean),
+            _ => None,
+        }
+    }
+}
+
+/// Which parameters stay fixed during fine-tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BertFreeze {
+    None,
+    /// Everything but the classifier: only the head trains (on cached embeddings).
+    Encoder,
+    /// The embedding tables and their layer norm.
+    Embeddings,
+    /// The embeddings and the first N encoder layers.
+    Layers(usize),
+}
+
+impl BertFreeze {
+    /// `"none"`, `"encoder"`, `"embeddings"` or `"layers:N"`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(BertFreeze::None),
+            "encoder" => Some(BertFreeze::Encoder),
+            "embeddings" => Some(BertFreeze::Embeddings),
+            _ => s
+                .strip_prefix("layers:")?
+                .parse()
+                .ok()
+                .map(BertFreeze::Layers),
+        }
+    }
+
+    /// Whether parameter `name` is frozen.
+    pub fn frozen(&self, name: &str) -> bool {
+        match *self {
+            BertFreeze::None => false,
+            BertFreeze::Encoder => !name.starts_with("classifier."),
+            BertFreeze::Embeddings => name.starts_with("embeddings."),
+            BertFreeze::Layers(n) => {
+                name.starts_with("embeddings.") || layer_index(name).is_some_and(|k| k < n)
+            }
+        }
+    }
+}
+
+/// `N` of a parameter `encoder.layer.N.*`.
+fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("encoder.layer.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Options of a classifier on top of the encoder.
+#[derive(Debug, Clone)]
+pub struct BertOptions {
+    /// Output classes; 0 builds the encoder alone (for embeddings).
+    pub num_classes: usize,
+    pub pooling: Pooling,
+    pub freeze: BertFreeze,
+    pub classifier_dropout: f32,
+}
+
+/// A BERT encoder with a pooler and an optional classification head.
+pub struct Bert {
+    store: ParamStore,
+    pub config: BertConfig,
+    pub options: BertOptions,
+}
+
+/// The files of a Hugging Face model directory.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: PathBuf,
+}
+
+impl ModelFiles {
+    /// The config, tokenizer and weights of a model directory or `hf:OWNER/NAME`.
+    pub fn locate(spec: &str) -> Result<Self> {
+        let dir = match spec.strip_prefix("hf:") {
+            Some(repo) => super::pretrained::hub_dir(repo, &["config.json", "tokenizer.json"])?,
+            None => PathBuf::from(spec),
+        };
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "model.pretrained = {spec:?}: not a directory; a BERT needs a Hugging Face model directory (config.json, tokenizer.json, model.safetensors or pytorch_model.bin) or hf:OWNER/NAME"
+            )));
+        }
+        let tokenizer = dir.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            return Err(Error::Config(format!(
+                "{}: missing tokenizer.json; save the tokenizer there (tokenizer.save_pretrained(dir) in Python) or set data.tokenizer",
+                dir.display()
+            )));
+        }
+        let weights = super::pretrained::WEIGHT_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: no model.safetensors or pytorch_model.bin in the model directory",
+                    dir.display()
+                ))
+            })?;
+        Ok(Self {
+            config: dir.join("config.json"),
+            tokenizer,
+            weights,
+            dir,
+        })
+    }
+}
+
+impl Bert {
+    /// Builds the encoder (and head) in `store`, initialised as Hugging Face does (normal with
+    /// std 0.02, layer norms at 1 and 0), and marks the frozen parameters.
+    pub fn new(store: ParamStore, config: BertConfig, options: BertOptions) -> Result<Self> {
+        let vb = store.var_builder();
+        let normal = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let dense = |name: &str, out: usize, inp: usize| -> Result<()> {
+            vb.get_with_hints((out, inp), &format!("{name}.weight"), normal)?;
+            vb.get_with_hints(out, &format!("{name}.bias"), Init::Const(0.0))?;
+            Ok(())
+        };
+        let norm = |name: &str| -> Result<()> {
+            vb.get_with_hints(h, &format!("{name}.weight"), Init::Const(1.0))?;
+            vb.get_with_hints(h, &format!("{name}.bias"), Init::Const(0.0))?;
+            Ok(())
+        };
+        vb.get_with_hints(
+            (config.vocab_size, h),
+            "embeddings.word_embeddings.weight",
+            normal,
+        )?;
+        vb.get_with_hints(
+            (config.max_position_embeddings, h),
+            "embeddings.position_embeddings.weight",
+            normal,
+        )?;
+        vb.get_with_hints(
+            (config.type_vocab_size, h),
+            "embeddings.token_type_embeddings.weight",
+            normal,
+        )?;
+        norm("embeddings.LayerNorm")?;
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            for part in ["query", "key", "value"] {
+                dense(&format!("{p}.attention.self.{part}"), h, h)?;
+            }
+            dense(&format!("{p}.attention.output.dense"), h, h)?;
+            norm(&format!("{p}.attention.output.LayerNorm"))?;
+            dense(&format!("{p}.intermediate.dense"), i, h)?;
+            dense(&format!("{p}.output.dense"), h, i)?;
+            norm(&format!("{p}.output.LayerNorm"))?;
+        }
+        if options.pooling == Pooling::Cls {
+            dense("pooler.dense", h, h)?;
+        }
+        if options.num_classes > 0 {
+            dense("classifier", options.num_classes, h)?;
+        }
+        if let BertFreeze::Layers(n) = options.freeze {
+            if n > config.num_hidden_layers {
+                return Err(Error::Config(format!(
+                    "model.freeze = \"layers:{n}\": the encoder has only {} layers",
+                    config.num_hidden_layers
+                )));
+            }
+        }
+        for p in store.params() {
+            store.set_trainable(&p.name, !options.freeze.frozen(&p.name));
+        }
+        Ok(Self {
+            store,
+            config,
+            options,
+        })
+    }
+
+    /// Loads pretrained weights (a `BertModel` or `BertForSequenceClassification` state dict:
+    /// a `bert.` prefix is stripped). The classifier is always new; a missing pooler keeps its
+    /// initialisation. Any other mismatch is one error listing every name.
+    pub fn load_weights(
+        &self,
+        origin: &str,
+        weights: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let weights: std::collections::BTreeMap<String, Tensor> = weights
+            .iter()
+            .filter(|(k, _)| !k.ends_with("position_ids"))
+            .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(k).to_string(), v.clone()))
+            .collect();
+        let has_pooler = weights.contains_key("pooler.dense.weight");
+        let cls = self.options.pooling == Pooling::Cls;
+        self.store.load_map(origin, &weights, &|n| {
+            n.starts_with("classifier.")
+                || n.starts_with("cls.")
+                || (n.starts_with("pooler.") && (!cls || !has_pooler))
+        })
+    }
+
+    /// The variable `name`, detached when it is frozen.
+    fn t(&self, name: &str) -> candle_core::Result<Tensor> {
+        let v = self
+            .store
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("bert: no parameter `{name}`")))?;
+        Ok(if self.store.is_trainable(name) {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        })
+    }
+
+    fn dense(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(
+            x,
+            &self.t(&format!("{name}.weight"))?,
+            &self.t(&format!("{name}.bias"))?,
+        )
+    }
+
+    fn norm(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(
+            x,
+            &self.t(&format!("{name}.weight"))?,
+            &self.t(&format!("{name}.bias"))?,
+            self.config.layer_norm_eps,
+        )
+    }
+
+    /// Whether the encoder runs in training mode (dropout on) for this call.
+    fn encoder_trains(&self, ctx: &ModelCtx) -> bool {
+        ctx.is_train() && self.options.freeze != BertFreeze::Encoder
+    }
+
+    /// The attention mask as f32 `[n, L]`: the batch's, else every non-padding token.
+    fn mask_f32(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match mask {
+            Some(m) => m.to_dtype(DType::F32),
+            None => ids.ne(self.config.pad_token_id)?.to_dtype(DType::F32),
+        }
+    }
+
+    /// Token vectors `[n, L, H]` for token ids `[n, L]` and the f32 mask.
+    pub fn encode(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        ctx: &mut ModelCtx,
+    ) -> candle_core::Result<Tensor> {
+        let (n, len) = ids.dims2()?;
+        let c = &self.config;
+        if len > c.max_position_embeddings {
+            candle_core::bail!(
+                "bert: sequences of {len} tokens exceed the model's {} positions; lower data.max_len",
+                c.max_position_embeddings
+            );
+        }
+        let train = self.encoder_trains(ctx);
+        let p_hidden = if train { c.hidden_dropout_prob } else { 0.0 };
+        let ids = ids.to_dtype(DType::U32)?;
+        let words = self
+            .t("embeddings.word_embeddings.weight")?
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((n, len, c.hidden_size))?;
+        let pos = self
+            .t("embeddings.position_embeddings.weight")?
+            .narrow(0, 0, len)?;
+        let types = self
+            .t("embeddings.token_type_embeddings.weight")?
+            .narrow(0, 0, 1)?;
+        let x = words.broadcast_add(&(pos.broadcast_add(&types)?))?;
+        let x = self.norm("embeddings.LayerNorm", &x)?;
+        let mut x = ctx.dropout(&x, p_hidden)?;
+        for l in 0..c.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            let w = |part: &str, what: &str| self.t(&format!("{p}.attention.self.{part}.{what}"));
+            let wqkv = Tensor::cat(
+                &[
+                    w("query", "weight")?,
+                    w("key", "weight")?,
+                    w("value", "weight")?,
+                ],
+                0,
+            )?;
+            let bqkv = Tensor::cat(
+                &[w("query", "bias")?, w("key", "bias")?, w("value", "bias")?],
+                0,
+            )?;
+            let qkv = linear(&x, &wqkv, &bqkv)?;
+            let seed = ctx.rng().next_u64();
+            let a = attention(
+                &qkv,
+                mask,
+                AttentionSpec {
+                    heads: c.num_attention_heads,
+                    dropout: if train {
+                        c.attention_probs_dropout_prob
+                    } else {
+                        0.0
+                    },
+                    seed,
+                },
+            )?;
+            let a = self.dense(&format!("{p}.attention.output.dense"), &a)?;
+            let a = ctx.dropout(&a, p_hidden)?;
+            x = self.norm(&format!("{p}.attention.output.LayerNorm"), &(a + &x)?)?;
+            let i = self.dense(&format!("{p}.intermediate.dense"), &x)?;
+            let i = match c.hidden_act.as_str() {
+                "gelu" => i.gelu_erf()?,
+                "relu" => super::act::relu(&i)?,
+                _ => i.gelu()?,
+            };
+            let o = self.dense(&format!("{p}.output.dense"), &i)?;
+            let o = ctx.dropout(&o, p_hidden)?;
+            x = self.norm(&format!("{p}.output.LayerNorm"), &(o + &x)?)?;
+        }
+        Ok(x)
+    }
+
+    /// One vector `[n, H]` per sequence, by the configured pooling.
+    pub fn pool(&self, hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        match self.options.pooling {
+            Pooling::Cls => {
+                let cls = hidden.i((.., 0, ..))?.contiguous()?;
+                self.dense("pooler.dense", &cls)?.tanh()
+            }
+            Pooling::Mean => mean_pool(hidden, mask),
+        }
+    }
+
+    /// Pooled vectors of token ids `[n, L]` (evaluation mode).
+    pub fn pooled(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let m = self.mask_f32(ids, mask)?;
+        let h = self.encode(ids, &m, &mut ModelCtx::eval())?;
+        self.pool(&h, &m)
+    }
+
+    /// Sentence embeddings as sentence-transformers computes them: the masked mean of the token
+    /// vectors, L2-normalised.
+    pub fn embed(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let m = self.mask_f32(ids, mask)?;
+        let h = self.encode(ids, &m, &mut ModelCtx::eval())?;
+        let e = mean_pool(&h, &m)?;
+        let norm = e
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f32::MAX)?;
+        e.broadcast_div(&norm)
+    }
+
+    /// The classifier on pooled vectors: dropout, then `classifier`.
+    pub fn head(&self, pooled: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor> {
+        let x = ctx.dropout(pooled, self.options.classifier_dropout)?;
+        self.dense("classifier", &x)
+    }
+}
+
+/// The mean of `hidden` (`[n, L, H]`) over the tokens where `mask` (`[n, L]`) is 1.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let m = mask.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f32::MAX)?;
+    sum.broadcast_div(&count)
+}
+
+impl Model for Bert {
+    fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    fn kind(&self) -> &str {
+        "bert"
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor> {
+        if ctx.features_cached() {
+            return self.head(xs, ctx);
+        }
+        let m = self.mask_f32(xs, ctx.mask())?;
+        let h = self.encode(xs, &m, ctx)?;
+        let pooled = self.pool(&h, &m)?;
+        self.head(&pooled, ctx)
+    }
+
+    fn cached_features(&self) -> Option<usize> {
+        (self.options.freeze == BertFreeze::Encoder).then_some(self.config.hidden_size)
+    }
+
+    fn features(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        self.pooled(xs, mask)
+    }
+}
+
+/// Sentence embeddings from a BERT-family model directory, as sentence-transformers computes
+/// them (masked mean pooling, L2 normalisation), with the model's own tokenizer.
+pub struct SentenceEncoder {
+    pub bert: Bert,
+    pub tokenizer: tokenizers::Tokenizer,
+}
+
+impl SentenceEncoder {
+    /// Loads the encoder of `spec` (a model directory or `hf:OWNER/NAME`), truncating inputs to
+    /// `max_len` tokens.
+    pub fn load(spec: &str, max_len: usize) -> Result<Self> {
+        let files = ModelFiles::locate(spec)?;
+        let config = BertConfig::load(&files.config)?;
+        let max_len = max_len.min(config.max_position_embeddings);
+        let bert = Bert::new(
+            ParamStore::new(0),
+            config,
+            BertOptions {
+                num_classes: 0,
+                pooling: Pooling::Mean,
+                freeze: BertFreeze::Encoder,
+                classifier_dropout: 0.0,
+            },
+        )?;
+        let device = candle_core::Device::Cpu;
+        let weights = super::pretrained::read_weights(&files.weights, &device)?;
+        bert.load_weights(&files.weights.display().to_string(), &weights)?;
+        let tokenizer = crate::data::text::load_tokenizer(&files.tokenizer, max_len)?;
+        Ok(Self { bert, tokenizer })
+    }
+
+    /// One unit-length embedding per text, computed as one padded batch.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let device = candle_core::Device::Cpu;
+        let (ids, mask) = crate::data::text::encode_batch(&self.tokenizer, texts, &device)?;
+        Ok(self.bert.embed(&ids, Some(&mask))?.to_vec2()?)
+    }
+}
