@@ -143,3 +143,62 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         a.apply_op2_no_bwd(&b, &AddRelu)
     }
 }
+
+/// The exact GELU, `x · Φ(x)` (`Φ` the normal CDF, through erf), as PyTorch's default
+/// `gelu` and BERT's `hidden_act = "gelu"`: one vectorised pass forward and one backward.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.gelu_erf();
+    }
+    let x = x.contiguous()?;
+    if x.track_op() {
+        x.apply_op1(Gelu)
+    } else {
+        x.apply_op1_no_bwd(&Gelu)
+    }
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "wick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = op_f32(s, l, "gelu", "the input")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| super::vecmath::gelu(x, o));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluGrad)?))
+    }
+}
+
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "wick-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = op_f32(s1, l1, "gelu backward", "the input")?;
+        let dy = op_f32(s2, l2, "gelu backward", "the output gradient")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(o, (x, dy))| super::vecmath::gelu_grad(x, dy, o));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}

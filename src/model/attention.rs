@@ -126,12 +126,7 @@ impl Pair {
                 row.fill(0.0);
                 continue;
             }
-            let mut sum = 0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / super::vecmath::exp_shifted_sum(row, max);
             row.iter_mut().for_each(|s| *s *= inv);
         }
     }

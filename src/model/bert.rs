@@ -449,7 +449,7 @@ impl Bert {
             x = self.norm(&format!("{p}.attention.output.LayerNorm"), &(a + &x)?)?;
             let i = self.dense(&format!("{p}.intermediate.dense"), &x)?;
             let i = match c.hidden_act.as_str() {
-                "gelu" => i.gelu_erf()?,
+                "gelu" => super::act::gelu(&i)?,
                 "relu" => super::act::relu(&i)?,
                 _ => i.gelu()?,
             };

@@ -19,6 +19,7 @@ pub mod pool;
 pub mod pretrained;
 pub mod resnet;
 mod store;
+pub mod vecmath;
 
 pub use bert::{Bert, BertConfig, BertFreeze, BertOptions, Pooling};
 pub use mlp::Mlp;

@@ -1,0 +1,93 @@
+"""MiniLM (all-MiniLM-L6-v2) forward speed, side by side on this machine: PyTorch + transformers
+(f32, and with --int8 also torch.ao.quantization.quantize_dynamic qint8) against wick
+(examples/bert_infer.rs, run as a subprocess unless --no-wick), at batch 1 x 128 tokens
+(latency) and batch 32 x 128 tokens (throughput). Both read the same token ids: real text,
+truncated to exactly 128 tokens. Threads: 2 (--threads).
+
+    PYTHON=/path/to/venv/bin/python benches/compare/run_bert.sh
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = os.path.join(ROOT, "checkpoints/pretrained/all-MiniLM-L6-v2")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly "
+    "report on renewable energy, supply chains, interest rates and the weather in Lisbon. "
+)
+
+
+def inputs(tokenizer, batch, tokens):
+    texts = [(TEXT * 20)[i * 7:] for i in range(batch)]
+    enc = tokenizer(texts, truncation=True, max_length=tokens, padding="longest", return_tensors="pt")
+    assert enc["input_ids"].shape == (batch, tokens), enc["input_ids"].shape
+    return enc
+
+
+def timeit(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torch_side(args, int8):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModel.from_pretrained(MODEL).eval()
+    if int8:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    out = {}
+    for batch, iters in ((1, args.iters * 5), (32, args.iters)):
+        enc = inputs(tok, batch, args.tokens)
+        with torch.inference_mode():
+            s = timeit(lambda: model(**enc), 2, iters)
+        out[batch] = s
+    return out
+
+
+def report(name, r):
+    print(f"{name:<28} batch 1: {r[1] * 1e3:8.1f} ms   batch 32: {32 / r[32]:7.1f} seq/s")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--int8", action="store_true", help="also PyTorch quantize_dynamic(qint8)")
+    ap.add_argument("--no-wick", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    if not args.no_wick:
+        cmd = ["cargo", "run", "--release", "--quiet", "--example", "bert_infer", "--",
+               "--threads", str(args.threads), "--tokens", str(args.tokens), "--iters", str(args.iters)]
+        res = json.loads(subprocess.check_output(cmd, cwd=ROOT))
+        for name, r in res.items():
+            rows.append((f"wick {name}", {1: r["batch1_s"], 32: r["batch32_s"]}))
+    rows.append(("PyTorch f32", torch_side(args, False)))
+    if args.int8:
+        rows.append(("PyTorch int8 (dynamic)", torch_side(args, True)))
+    print(f"== MiniLM-L6 forward, {args.tokens} tokens, {args.threads} threads, medians")
+    for name, r in rows:
+        report(name, r)
+    base = dict(rows)["PyTorch f32"]
+    for name, r in rows:
+        if name.startswith("wick"):
+            print(f"{name} vs PyTorch f32: latency {base[1] / r[1]:.2f}x, throughput {base[32] / r[32]:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+//! Element-wise math over slices that the compiler vectorises: `exp` and `erf` as polynomials
+//! (no calls into libm, which run one value at a time), and the exact (erf) GELU with its
+//! derivative. On x86-64 the loops are compiled a second time for AVX2 + FMA and chosen at run
+//! time, since release builds target the baseline CPU.
+//!
+//! Accuracy: `exp` within 2 ulp on [-87, 88]; `erf` within 2e-7 absolute (Eigen's rational
+//! approximation); GELU within 3e-7 of the libm version.
+
+/// Runs `$body` (a loop over slices) compiled for AVX2 + FMA when the CPU has them.
+macro_rules! dispatch {
+    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// `e^x` for one value, branch-free so that loops over it vectorise.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    // x = n·ln2 + r, |r| ≤ ln2/2.
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = n.mul_add(-0.693_145_75, x);
+    let r = n.mul_add(-1.428_606_8e-6, r);
+    // e^r by its Taylor polynomial (degree 6).
+    let mut p = 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // Scale by 2^n through the exponent bits.
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `erf(x)`: Eigen's rational approximation on [-4, 4] (±1 outside, in f32).
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
+    p = x2.mul_add(p, -2.101_024e-6);
+    p = x2.mul_add(p, -5.692_506_4e-5);
+    p = x2.mul_add(p, -7.349_906_3e-4);
+    p = x2.mul_add(p, -2.954_600_1e-3);
+    p = x2.mul_add(p, -1.609_603_3e-2);
+    p *= x;
+    let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
+    q = x2.mul_add(q, -1.682_827e-3);
+    q = x2.mul_add(q, -7.373_329_3e-3);
+    q = x2.mul_add(q, -1.426_473_9e-2);
+    p / q
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// `1 / sqrt(2π)`.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+dispatch!(exp_in_place(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = exp(*x);
+    }
+});
+
+dispatch!(gelu(x: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+    }
+});
+
+dispatch!(gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((g, &x), &d) in dx.iter_mut().zip(x).zip(dy) {
+        let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+        *g = d * (cdf + x * pdf);
+    }
+});
+
+/// `e^(x − max)` for each value of `row` in place, and their sum (a softmax's numerators).
+pub fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
+    row.iter_mut().for_each(|v| *v -= max);
+    exp_in_place(row);
+    row.iter().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        let xs: Vec<f32> = (-8700..8800).map(|i| i as f32 * 0.01).collect();
+        let mut ys = xs.clone();
+        exp_in_place(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let want = (x as f64).exp();
+            worst = worst.max(((y as f64 - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        let mut e = [-1000.0f32, 0.0];
+        exp_in_place(&mut e);
+        assert!(e[0] < 1e-37 && e[1] == 1.0);
+    }
+
+    #[test]
+    fn gelu_matches_the_erf_definition() {
+        let xs: Vec<f32> = (-1000..1000).map(|i| i as f32 * 0.01).collect();
+        let mut y = vec![0f32; xs.len()];
+        gelu(&xs, &mut y);
+        let dy = vec![1f32; xs.len()];
+        let mut g = vec![0f32; xs.len()];
+        gelu_grad(&xs, &dy, &mut g);
+        for ((&x, &y), &g) in xs.iter().zip(&y).zip(&g) {
+            let x64 = x as f64;
+            let cdf = 0.5 * (1.0 + libm::erf(x64 / 2f64.sqrt()));
+            assert!((y as f64 - x64 * cdf).abs() < 1e-6, "gelu({x}) = {y}");
+            let pdf = (-0.5 * x64 * x64).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            assert!(
+                (g as f64 - (cdf + x64 * pdf)).abs() < 1e-6,
+                "gelu'({x}) = {g}"
+            );
+        }
+    }
+}
