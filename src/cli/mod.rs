@@ -2,6 +2,7 @@
 //! calls the library and prints.
 
 mod data;
+mod embed;
 mod eval;
 mod predict;
 mod runs;
@@ -20,6 +21,9 @@ Examples:
   wick eval checkpoints/runs/digits_mlp-20261125-101500 --json
   wick predict checkpoints/runs/iris_mlp-20261125-101500 --input data/sklearn/iris.csv
   wick runs
+  wick train configs/spam_bert.toml
+  wick predict checkpoints/runs/spam_bert --text \"WIN a FREE cruise, click now\"
+  wick embed checkpoints/pretrained/all-MiniLM-L6-v2 --text \"The cat sits outside\"
   wick tune configs/tune_digits.toml
   wick tune --status checkpoints/tune/digits_tune
   wick data pack idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out data/fashion/train
@@ -48,6 +52,8 @@ pub enum Command {
     Data(data::DataArgs),
     /// Tune hyper-parameters: a study of training runs (TPE, random or grid; pruning).
     Tune(tune::TuneArgs),
+    /// Sentence embeddings from a BERT-family model (mean pooling, L2-normalised).
+    Embed(embed::EmbedArgs),
 }
 
 /// Parses `std::env::args` and runs the command.
@@ -60,6 +66,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Runs(a) => runs::run(a),
         Command::Data(a) => data::run(a),
         Command::Tune(a) => tune::run(a),
+        Command::Embed(a) => embed::run(a),
     }
 }
 
@@ -109,4 +116,61 @@ pub(crate) fn load_run_model(run_dir: &std::path::Path, which: Which) -> anyhow:
         model,
         checkpoint,
     })
+}
+
+/// Texts from a file: JSON lines with a `text` key (`.jsonl`), a CSV with a `text` column
+/// (`.csv`), else one text per line. Errors name the line.
+pub(crate) fn read_texts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let raw = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let mut out = Vec::new();
+    if ext == "csv" {
+        let mut rdr = csv::ReaderBuilder::new().from_reader(&raw[..]);
+        let header = rdr.byte_headers()?.clone();
+        let col = header.iter().position(|h| h == b"text").ok_or_else(|| {
+            anyhow::anyhow!("{}: line 1: no `text` column in the header", path.display())
+        })?;
+        for rec in rdr.byte_records() {
+            let rec = rec.map_err(|e| anyhow::anyhow!("{}: malformed CSV: {e}", path.display()))?;
+            let line = rec.position().map(|p| p.line()).unwrap_or(0);
+            let t = std::str::from_utf8(&rec[col]).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: line {line}: invalid UTF-8 at byte {}; re-encode the file as UTF-8",
+                    path.display(),
+                    e.valid_up_to()
+                )
+            })?;
+            out.push(t.to_string());
+        }
+        return Ok(out);
+    }
+    for (i, line) in raw.split(|&b| b == b'\n').enumerate() {
+        let text = std::str::from_utf8(line).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: line {}: invalid UTF-8 at byte {}; re-encode the file as UTF-8",
+                path.display(),
+                i + 1,
+                e.valid_up_to()
+            )
+        })?;
+        let text = text.trim_end_matches('\r');
+        if text.trim().is_empty() {
+            continue;
+        }
+        if ext == "jsonl" || ext == "json" {
+            let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                anyhow::anyhow!("{}: line {}: invalid JSON: {e}", path.display(), i + 1)
+            })?;
+            let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                anyhow::anyhow!("{}: line {}: no string `text`", path.display(), i + 1)
+            })?;
+            out.push(t.to_string());
+        } else {
+            out.push(text.to_string());
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("{}: no texts in the file", path.display());
+    }
+    Ok(out)
 }

@@ -14,9 +14,13 @@ use crate::train::predict;
 pub struct PredictArgs {
     /// A run directory written by `wick train`.
     pub run_dir: PathBuf,
-    /// CSV whose header names the model's feature columns (extra columns are ignored).
-    #[arg(long, value_name = "CSV", required_unless_present = "image")]
+    /// CSV whose header names the model's feature columns (extra columns are ignored). For a
+    /// text model: a file of texts (one per line, or JSON lines / CSV with a `text` field).
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["image", "text"])]
     pub input: Option<PathBuf>,
+    /// A text to classify (text models); repeatable.
+    #[arg(long, value_name = "TEXT", conflicts_with_all = ["input", "image"])]
+    pub text: Vec<String>,
     /// Image files (JPEG/PNG) to classify, through the run's image pipeline; repeatable.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "input")]
     pub image: Vec<PathBuf>,
@@ -35,7 +39,22 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     if !a.image.is_empty() {
         return images(&a);
     }
-    let LoadedRun { schema, model, .. } = load_run_model(&a.run_dir, a.checkpoint)?;
+    let loaded = load_run_model(&a.run_dir, a.checkpoint)?;
+    if loaded.schema.modality == "text" {
+        let texts = match &a.input {
+            Some(f) => super::read_texts(f)?,
+            None => a.text.clone(),
+        };
+        return classify_texts(&a, loaded, &texts);
+    }
+    if !a.text.is_empty() {
+        anyhow::bail!(
+            "{}: --text needs a text model; this run reads {} (use --input CSV or --image)",
+            a.run_dir.display(),
+            loaded.schema.modality
+        );
+    }
+    let LoadedRun { schema, model, .. } = loaded;
     let input = a.input.as_ref().expect("clap requires --input or --image");
     let (ds, _) = load_for_inference(input, &schema, false)?;
     let t0 = std::time::Instant::now();
@@ -155,5 +174,75 @@ fn images(a: &PredictArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `wick predict RUN --text …`: the label and class probabilities of each text, batched, with
+/// the inference time.
+fn classify_texts(a: &PredictArgs, run: LoadedRun, texts: &[String]) -> anyhow::Result<()> {
+    let LoadedRun {
+        schema, model, cfg, ..
+    } = run;
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        anyhow::bail!(
+            "text {}: the text is empty; give some words to classify",
+            i + 1
+        );
+    }
+    let tok_path = cfg.data.tokenizer.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: the run config names no data.tokenizer",
+            a.run_dir.display()
+        )
+    })?;
+    let tok = crate::data::text::load_tokenizer(tok_path, cfg.data.max_len)?;
+    let k = schema.outputs();
+    let device = candle_core::Device::Cpu;
+    let t0 = std::time::Instant::now();
+    let mut probs = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(32) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (ids, mask) = crate::data::text::encode_batch(&tok, &refs, &device)?;
+        let mut ctx = crate::model::ModelCtx::eval().with_mask(Some(mask));
+        let out = model.forward(&ids, &mut ctx)?;
+        for row in out.to_vec2::<f32>()? {
+            probs.push(softmax(&row[..k]));
+        }
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    for (text, p) in texts.iter().zip(&probs) {
+        let best = argmax(p);
+        if a.json {
+            let all: serde_json::Map<String, serde_json::Value> = schema
+                .classes
+                .iter()
+                .zip(p)
+                .map(|(c, v)| (c.clone(), serde_json::json!(v)))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"text": text, "label": schema.classes[best], "probability": p[best], "probabilities": all})
+            );
+        } else {
+            let all: Vec<String> = schema
+                .classes
+                .iter()
+                .zip(p)
+                .map(|(c, v)| format!("{c} {v:.4}"))
+                .collect();
+            let short: String = text.chars().take(60).collect();
+            println!(
+                "{:<8} {:.4}  [{}]  {short:?}",
+                schema.classes[best],
+                p[best],
+                all.join(", ")
+            );
+        }
+    }
+    eprintln!(
+        "{} texts in {ms:.1} ms ({:.1} ms per text)",
+        texts.len(),
+        ms / texts.len().max(1) as f64
+    );
     Ok(())
 }

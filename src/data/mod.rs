@@ -154,6 +154,23 @@ fn open_eval_set(
             cfg.path.display()
         )));
     }
+    let (ours, theirs) = (&set.manifest.classes, &train.classes);
+    if ours != theirs && !theirs.is_empty() {
+        if let Some(c) = ours.iter().find(|c| !theirs.contains(c)) {
+            return Err(Error::Data(format!(
+                "{}: label \"{c}\" was never seen in training (the training shards in {} have classes: {}); remove those samples or add labelled examples of it to the training data",
+                p.display(),
+                cfg.path.display(),
+                theirs.join(", ")
+            )));
+        }
+        return Err(Error::Data(format!(
+            "{}: its classes [{}] are numbered differently from the training shards' [{}]; pack the test data together with the training data and use data.test_fraction",
+            p.display(),
+            ours.join(", "),
+            theirs.join(", ")
+        )));
+    }
     Ok(set)
 }
 

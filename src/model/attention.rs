@@ -342,6 +342,7 @@ impl CustomOp3 for AttentionGrad {
             })
             .collect();
         let mut out = vec![0f32; n * len * rs];
+        #[allow(clippy::needless_range_loop)]
         for part in 0..3 {
             scatter(
                 &mut out,

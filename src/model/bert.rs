@@ -85,7 +85,8 @@ impl BertConfig {
         }
         let cfg: BertConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: not a BERT config: {e}", path.display())))?;
-        if cfg.hidden_size % cfg.num_attention_heads.max(1) != 0 || cfg.num_attention_heads == 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::Config(format!(
                 "{}: hidden_size {} is not a multiple of num_attention_heads {}",
                 path.display(),

@@ -116,7 +116,7 @@ fn hub_get(repo: &str, also: &[&str]) -> Result<PathBuf> {
     }
     let wanted = || {
         let mut w: Vec<&str> = also.to_vec();
-        w.push(&"model.safetensors / pytorch_model.bin");
+        w.push("model.safetensors / pytorch_model.bin");
         w.join(", ")
     };
     if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
