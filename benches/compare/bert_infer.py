@@ -40,22 +40,37 @@ def timeit(fn, warmup, iters):
     return statistics.median(times)
 
 
-def torch_side(args, int8):
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+class TorchSide:
+    """The model loaded once; `time()` measures one round."""
 
-    torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    model = AutoModel.from_pretrained(MODEL).eval()
-    if int8:
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    out = {}
-    for batch, iters in ((1, args.iters * 5), (32, args.iters)):
-        enc = inputs(tok, batch, args.tokens)
-        with torch.inference_mode():
-            s = timeit(lambda: model(**enc), 2, iters)
-        out[batch] = s
-    return out
+    def __init__(self, args, int8):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.set_num_threads(args.threads)
+        self.torch = torch
+        self.args = args
+        tok = AutoTokenizer.from_pretrained(MODEL)
+        model = AutoModel.from_pretrained(MODEL).eval()
+        if int8:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.inputs = {b: inputs(tok, b, args.tokens) for b in (1, 32)}
+
+    def time(self):
+        out = {}
+        for batch, iters in ((1, self.args.iters * 5), (32, self.args.iters)):
+            enc = self.inputs[batch]
+            with self.torch.inference_mode():
+                out[batch] = timeit(lambda: self.model(**enc), 2, iters)
+        return out
+
+
+def wick_side(args):
+    cmd = ["cargo", "run", "--release", "--quiet", "--example", "bert_infer", "--",
+           "--threads", str(args.threads), "--tokens", str(args.tokens), "--iters", str(args.iters)]
+    res = json.loads(subprocess.check_output(cmd, cwd=ROOT))
+    return {f"wick {name}": {1: r["batch1_s"], 32: r["batch32_s"]} for name, r in res.items()}
 
 
 def report(name, r):
@@ -67,20 +82,24 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating wick/PyTorch rounds")
     ap.add_argument("--int8", action="store_true", help="also PyTorch quantize_dynamic(qint8)")
     ap.add_argument("--no-wick", action="store_true")
     args = ap.parse_args()
-    rows = []
-    if not args.no_wick:
-        cmd = ["cargo", "run", "--release", "--quiet", "--example", "bert_infer", "--",
-               "--threads", str(args.threads), "--tokens", str(args.tokens), "--iters", str(args.iters)]
-        res = json.loads(subprocess.check_output(cmd, cwd=ROOT))
-        for name, r in res.items():
-            rows.append((f"wick {name}", {1: r["batch1_s"], 32: r["batch32_s"]}))
-    rows.append(("PyTorch f32", torch_side(args, False)))
+    sides = {"PyTorch f32": TorchSide(args, False)}
     if args.int8:
-        rows.append(("PyTorch int8 (dynamic)", torch_side(args, True)))
-    print(f"== MiniLM-L6 forward, {args.tokens} tokens, {args.threads} threads, medians")
+        sides["PyTorch int8 (dynamic)"] = TorchSide(args, True)
+    rounds = {}
+    for _ in range(args.rounds):
+        if not args.no_wick:
+            for name, r in wick_side(args).items():
+                rounds.setdefault(name, []).append(r)
+        for name, side in sides.items():
+            rounds.setdefault(name, []).append(side.time())
+    # Per configuration, the median over rounds of each round's median.
+    rows = [(name, {b: statistics.median(r[b] for r in rs) for b in (1, 32)}) for name, rs in rounds.items()]
+    print(f"== MiniLM-L6 forward, {args.tokens} tokens, {args.threads} threads, "
+          f"median of {args.rounds} alternating rounds")
     for name, r in rows:
         report(name, r)
     base = dict(rows)["PyTorch f32"]

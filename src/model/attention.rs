@@ -111,23 +111,13 @@ impl Pair {
             rs,
         );
         let scale = 1.0 / (d as f32).sqrt();
-        let m = &mask[self.b * len..(self.b + 1) * len];
+        let keep = &mask[self.b * len..(self.b + 1) * len];
+        let bias: Vec<f32> = keep
+            .iter()
+            .map(|&m| if m > 0.0 { 0.0 } else { -1e30 })
+            .collect();
         for row in p.chunks_exact_mut(len) {
-            let mut max = f32::NEG_INFINITY;
-            for (s, &m) in row.iter_mut().zip(m) {
-                *s = if m > 0.0 {
-                    *s * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max = max.max(*s);
-            }
-            if max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            let inv = 1.0 / super::vecmath::exp_shifted_sum(row, max);
-            row.iter_mut().for_each(|s| *s *= inv);
+            super::vecmath::softmax_masked(row, keep, &bias, scale);
         }
     }
 

@@ -341,32 +341,33 @@ impl Bert {
         })
     }
 
-    /// The variable `name`, detached when it is frozen.
-    fn t(&self, name: &str) -> candle_core::Result<Tensor> {
+    /// The variable `name`, detached when it is frozen or when no gradient is wanted (`grad`
+    /// false: evaluation, so that no op keeps its inputs alive for a backward pass).
+    fn t(&self, name: &str, grad: bool) -> candle_core::Result<Tensor> {
         let v = self
             .store
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("bert: no parameter `{name}`")))?;
-        Ok(if self.store.is_trainable(name) {
+        Ok(if grad && self.store.is_trainable(name) {
             v.as_tensor().clone()
         } else {
             v.as_tensor().detach()
         })
     }
 
-    fn dense(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn dense(&self, name: &str, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
         linear(
             x,
-            &self.t(&format!("{name}.weight"))?,
-            &self.t(&format!("{name}.bias"))?,
+            &self.t(&format!("{name}.weight"), grad)?,
+            &self.t(&format!("{name}.bias"), grad)?,
         )
     }
 
-    fn norm(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn norm(&self, name: &str, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
         layer_norm(
             x,
-            &self.t(&format!("{name}.weight"))?,
-            &self.t(&format!("{name}.bias"))?,
+            &self.t(&format!("{name}.weight"), grad)?,
+            &self.t(&format!("{name}.bias"), grad)?,
             self.config.layer_norm_eps,
         )
     }
@@ -400,24 +401,25 @@ impl Bert {
             );
         }
         let train = self.encoder_trains(ctx);
+        let g = ctx.is_train();
         let p_hidden = if train { c.hidden_dropout_prob } else { 0.0 };
         let ids = ids.to_dtype(DType::U32)?;
         let words = self
-            .t("embeddings.word_embeddings.weight")?
+            .t("embeddings.word_embeddings.weight", g)?
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((n, len, c.hidden_size))?;
         let pos = self
-            .t("embeddings.position_embeddings.weight")?
+            .t("embeddings.position_embeddings.weight", g)?
             .narrow(0, 0, len)?;
         let types = self
-            .t("embeddings.token_type_embeddings.weight")?
+            .t("embeddings.token_type_embeddings.weight", g)?
             .narrow(0, 0, 1)?;
         let x = words.broadcast_add(&(pos.broadcast_add(&types)?))?;
-        let x = self.norm("embeddings.LayerNorm", &x)?;
+        let x = self.norm("embeddings.LayerNorm", &x, g)?;
         let mut x = ctx.dropout(&x, p_hidden)?;
         for l in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
-            let w = |part: &str, what: &str| self.t(&format!("{p}.attention.self.{part}.{what}"));
+            let w = |part: &str, what: &str| self.t(&format!("{p}.attention.self.{part}.{what}"), g);
             let wqkv = Tensor::cat(
                 &[
                     w("query", "weight")?,
@@ -445,18 +447,18 @@ impl Bert {
                     seed,
                 },
             )?;
-            let a = self.dense(&format!("{p}.attention.output.dense"), &a)?;
+            let a = self.dense(&format!("{p}.attention.output.dense"), &a, g)?;
             let a = ctx.dropout(&a, p_hidden)?;
-            x = self.norm(&format!("{p}.attention.output.LayerNorm"), &(a + &x)?)?;
-            let i = self.dense(&format!("{p}.intermediate.dense"), &x)?;
+            x = self.norm(&format!("{p}.attention.output.LayerNorm"), &(a + &x)?, g)?;
+            let i = self.dense(&format!("{p}.intermediate.dense"), &x, g)?;
             let i = match c.hidden_act.as_str() {
                 "gelu" => super::act::gelu(&i)?,
                 "relu" => super::act::relu(&i)?,
                 _ => i.gelu()?,
             };
-            let o = self.dense(&format!("{p}.output.dense"), &i)?;
+            let o = self.dense(&format!("{p}.output.dense"), &i, g)?;
             let o = ctx.dropout(&o, p_hidden)?;
-            x = self.norm(&format!("{p}.output.LayerNorm"), &(o + &x)?)?;
+            x = self.norm(&format!("{p}.output.LayerNorm"), &(o + &x)?, g)?;
         }
         Ok(x)
     }
@@ -466,7 +468,7 @@ impl Bert {
         match self.options.pooling {
             Pooling::Cls => {
                 let cls = hidden.i((.., 0, ..))?.contiguous()?;
-                self.dense("pooler.dense", &cls)?.tanh()
+                self.dense("pooler.dense", &cls, hidden.track_op())?.tanh()
             }
             Pooling::Mean => mean_pool(hidden, mask),
         }
@@ -496,7 +498,7 @@ impl Bert {
     /// The classifier on pooled vectors: dropout, then `classifier`.
     pub fn head(&self, pooled: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor> {
         let x = ctx.dropout(pooled, self.options.classifier_dropout)?;
-        self.dense("classifier", &x)
+        self.dense("classifier", &x, ctx.is_train())
     }
 }
 
@@ -525,6 +527,11 @@ impl Model for Bert {
         let h = self.encode(xs, &m, ctx)?;
         let pooled = self.pool(&h, &m)?;
         self.head(&pooled, ctx)
+    }
+
+    fn eval_batch(&self) -> usize {
+        // 64 sequences of 512 tokens of a BERT-base keep activations under 1 GB.
+        64
     }
 
     fn cached_features(&self) -> Option<usize> {

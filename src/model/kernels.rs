@@ -173,6 +173,17 @@ fn gemm_serial(
     }
 }
 
+/// Columns per tile of a product with few rows: at most [`COL_BLOCK`], and for wide products
+/// a width that cuts them into a multiple of 4 tiles (a layer of 384 outputs into 4 × 96
+/// rather than 3 × 128), so that 2 or 4 threads get equal shares. It depends only on `n`.
+fn column_tile(n: usize) -> usize {
+    if n < 2 * COL_BLOCK {
+        return COL_BLOCK.min(n);
+    }
+    let tiles = 4 * n.div_ceil(4 * COL_BLOCK);
+    n.div_ceil(tiles).next_multiple_of(16)
+}
+
 /// A raw output pointer that tiles of one product share; each tile writes a disjoint region.
 #[derive(Clone, Copy)]
 struct DstPtr(*mut f32);
@@ -227,7 +238,7 @@ pub fn gemm_tiled(
     let (tm, tn) = if m >= 2 * ROW_BLOCK {
         (ROW_BLOCK, n)
     } else {
-        (m, COL_BLOCK.min(n))
+        (m, column_tile(n))
     };
     let (rt, ct) = (m.div_ceil(tm), n.div_ceil(tn));
     let ptr = DstPtr(dst.as_mut_ptr());

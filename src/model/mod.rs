@@ -216,6 +216,12 @@ pub trait Model: Send {
     /// [`ModelCtx::dropout`] for dropout so that runs stay reproducible.
     fn forward(&self, xs: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor>;
 
+    /// Samples per forward pass in evaluation, prediction and feature caching (bounded by the
+    /// trainer's own limits). Large models on long inputs use fewer to bound memory.
+    fn eval_batch(&self) -> usize {
+        1024
+    }
+
     /// A model whose leading part is frozen and deterministic (e.g. a frozen backbone) returns
     /// the width of that part's output. The trainer then computes [`Model::features`] once per
     /// sample and trains on the cache, calling `forward` with a context whose

@@ -33,19 +33,24 @@ macro_rules! dispatch {
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     // x = n·ln2 + r, |r| ≤ ln2/2.
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by the 1.5·2^23 trick (one add and one subtract, which vectorise;
+    // `f32::round` does not).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = n.mul_add(-0.693_145_75, x);
     let r = n.mul_add(-1.428_606_8e-6, r);
     // e^r by its Taylor polynomial (degree 6).
-    let mut p = 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    // Scale by 2^n through the exponent bits.
-    let bits = ((n as i32 + 127) as u32) << 23;
+    let mut p: f32 = 1.0 / 720.0;
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    // Scale by 2^n through the exponent bits: n + 127 + 2^23 holds n + 127 (0..=254) in its
+    // low mantissa bits, which the shift moves into the exponent (a float-to-int cast would
+    // not vectorise).
+    let bits = (n + 8_388_735.0).to_bits() << 23;
     p * f32::from_bits(bits)
 }
 
@@ -92,12 +97,49 @@ dispatch!(gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 });
 
-/// `e^(x − max)` for each value of `row` in place, and their sum (a softmax's numerators).
-pub fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
-    row.iter_mut().for_each(|v| *v -= max);
-    exp_in_place(row);
-    row.iter().sum()
-}
+/// Lanes of the max and sum reductions (8 = one AVX register), so that they vectorise while
+/// their order stays fixed.
+const LANES: usize = 8;
+
+dispatch!(softmax_masked(row: &mut [f32], keep: &[f32], bias: &[f32], scale: f32) {
+    // Scores scaled, padding pushed to -1e30 so that it never wins the max.
+    for ((s, &b), _) in row.iter_mut().zip(bias).zip(keep) {
+        *s = *s * scale + b;
+    }
+    let mut m = [f32::MIN; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            m[k] = if c[k] > m[k] { c[k] } else { m[k] };
+        }
+    }
+    let mut max = f32::MIN;
+    for &v in m.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    // Numerators, exactly 0 on padding, and their sum.
+    let mut sum = [0f32; LANES];
+    let n = row.len() / LANES * LANES;
+    for (c, k8) in row[..n].chunks_exact_mut(LANES).zip(keep.chunks_exact(LANES)) {
+        for k in 0..LANES {
+            let e = exp(c[k] - max) * k8[k];
+            c[k] = e;
+            sum[k] += e;
+        }
+    }
+    let mut total = 0f32;
+    for (v, &k) in row[n..].iter_mut().zip(&keep[n..]) {
+        *v = exp(*v - max) * k;
+        total += *v;
+    }
+    for s in sum {
+        total += s;
+    }
+    let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+});
 
 #[cfg(test)]
 mod tests {

@@ -503,7 +503,12 @@ pub fn predict(model: &dyn Model, ds: &dyn Source) -> Result<Vec<f32>> {
 /// As [`predict`]; with `cached`, `ds` holds the model's cached features.
 fn predict_with(model: &dyn Model, ds: &dyn Source, cached: bool) -> Result<Vec<f32>> {
     let device = model.store().device().clone();
-    let plan = BatchPlan::sequential(ds.len(), EVAL_BATCH);
+    let rows = if cached {
+        EVAL_BATCH
+    } else {
+        EVAL_BATCH.min(model.eval_batch()).max(1)
+    };
+    let plan = BatchPlan::sequential(ds.len(), rows);
     let mut out = Vec::new();
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
@@ -526,7 +531,7 @@ fn stop_before(st: &TrainerState, epochs: usize) -> bool {
 pub fn cache_features(model: &dyn Model, ds: &dyn Source) -> Result<Dataset> {
     let device = model.store().device().clone();
     let dim = model.cached_features().unwrap_or(0);
-    let plan = BatchPlan::sequential(ds.len(), CACHE_BATCH);
+    let plan = BatchPlan::sequential(ds.len(), CACHE_BATCH.min(model.eval_batch()).max(1));
     let mut x = Vec::with_capacity(ds.len() * dim);
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
