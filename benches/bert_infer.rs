@@ -14,7 +14,10 @@ const TOKENS: usize = 128;
 
 fn bench(c: &mut Criterion) {
     wick::alloc::keep_freed_memory();
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/checkpoints/pretrained/all-MiniLM-L6-v2");
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/checkpoints/pretrained/all-MiniLM-L6-v2"
+    );
     let enc = match SentenceEncoder::load(dir, TOKENS) {
         Ok(e) => e,
         Err(e) => {

@@ -392,3 +392,31 @@ fn bad_bert_inputs_get_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_pytorch_bin_checkpoint_with_the_bert_prefix_loads() {
+    let Some(dir) = minilm() else { return };
+    let Some(pypath) = python_with_safetensors() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(dir.join(f), model.join(f)).unwrap();
+    }
+    // pytorch_model.bin as BertForSequenceClassification saves it: every name under `bert.`.
+    let o = std::process::Command::new("python3")
+        .env("PYTHONPATH", pypath)
+        .arg(root().join("tests/fixtures/torchvision_state_dict.py"))
+        .arg("--convert")
+        .arg(dir.join("model.safetensors"))
+        .arg(model.join("pytorch_model.bin"))
+        .arg("bert.")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let enc = wick::model::bert::SentenceEncoder::load(model.to_str().unwrap(), 128).unwrap();
+    let e = enc.embed(&["The cat sits outside"]).unwrap();
+    assert!((e[0][0] - 0.13919106).abs() < 1e-5, "{}", e[0][0]);
+}

@@ -419,7 +419,8 @@ impl Bert {
         let mut x = ctx.dropout(&x, p_hidden)?;
         for l in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
-            let w = |part: &str, what: &str| self.t(&format!("{p}.attention.self.{part}.{what}"), g);
+            let w =
+                |part: &str, what: &str| self.t(&format!("{p}.attention.self.{part}.{what}"), g);
             let wqkv = Tensor::cat(
                 &[
                     w("query", "weight")?,
