@@ -60,9 +60,10 @@ impl CustomOp3 for Linear {
         let x = op_f32(sx, lx, "linear", "the input")?;
         let w = op_f32(sw, lw, "linear", "the weight")?;
         let b = op_f32(sb, lb, "linear", "the bias")?;
-        let mut out = vec![0f32; m * n];
-        for row in out.chunks_mut(n.max(1)) {
-            row.copy_from_slice(b);
+        // Every row starts as the bias (one write pass; the product is accumulated onto it).
+        let mut out = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(b);
         }
         gemm_tiled(m, n, k, &mut out, n, true, x, k, 1, w, 1, k);
         let mut shape = lx.dims().to_vec();

@@ -344,7 +344,17 @@ pub fn build_bert(cfg: &ModelConfig, schema: &Schema, seed: u64, device: &Device
             schema.outputs()
         )));
     }
-    load_bert(cfg, num_classes, seed, device)
+    let bert = load_bert(cfg, num_classes, seed, device)?;
+    // A text schema's input width is the truncation length.
+    if schema.input_dim > bert.config.max_position_embeddings {
+        return Err(Error::Config(format!(
+            "model.max_len = {} exceeds the model's {} positions; set model.max_len to at most {}",
+            schema.input_dim,
+            bert.config.max_position_embeddings,
+            bert.config.max_position_embeddings
+        )));
+    }
+    Ok(bert)
 }
 
 /// A BERT encoder from `model.pretrained` with a `num_classes`-way head (0: no head).
