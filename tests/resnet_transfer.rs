@@ -5,57 +5,20 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
 
-use wick::train::callback::{Callback, Control, EpochEnd, FitStart};
 use wick::train::{RunDir, Trainer};
-
-/// Records whether features were cached and when each epoch ended.
-#[derive(Default)]
-struct Clock {
-    cached: bool,
-    start: Option<Instant>,
-    ends: Vec<f64>,
-}
-
-struct Recorder(std::rc::Rc<std::cell::RefCell<Clock>>);
-
-impl Callback for Recorder {
-    fn on_fit_start(&mut self, info: &FitStart) -> wick::Result<()> {
-        let mut c = self.0.borrow_mut();
-        c.cached = info.cached_features;
-        c.start = Some(Instant::now());
-        Ok(())
-    }
-
-    fn on_epoch_end(&mut self, _e: &EpochEnd) -> wick::Result<Control> {
-        let mut c = self.0.borrow_mut();
-        let t = c.start.unwrap().elapsed().as_secs_f64();
-        c.ends.push(t);
-        Ok(Control::Continue)
-    }
-}
 
 /// Trains `configs/mnist_transfer.toml` with `overrides`; returns the test accuracy, whether
 /// features were cached, and the epoch durations.
 fn transfer(run_dir: &Path, overrides: &[String]) -> (f64, bool, Vec<f64>) {
     let cfg = wick::config::load(Path::new("configs/mnist_transfer.toml"), overrides).unwrap();
     let mut trainer = Trainer::from_config(&cfg).unwrap();
-    let clock = std::rc::Rc::new(std::cell::RefCell::new(Clock::default()));
-    trainer.add_callback(Recorder(clock.clone()));
+    let clock = std::rc::Rc::new(std::cell::RefCell::new(common::clock::Clock::default()));
+    trainer.add_callback(common::clock::Recorder(clock.clone()));
     let run = RunDir::create(&cfg, &trainer.schema, Some(run_dir)).unwrap();
     let summary = trainer.fit(&run, false).unwrap();
     let c = clock.borrow();
-    let mut prev = 0.0;
-    let epochs = c
-        .ends
-        .iter()
-        .map(|&t| {
-            let d = t - prev;
-            prev = t;
-            d
-        })
-        .collect();
+    let epochs = c.epochs();
     (summary.final_metrics["eval_accuracy"], c.cached, epochs)
 }
 

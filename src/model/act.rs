@@ -9,6 +9,42 @@ use super::kernels::op_f32;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
+/// An element-wise op over one input, in parallel chunks: `f(input chunk, output chunk)`.
+fn map1(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = op_f32(s, l, op, "the input")?;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| f(x, o));
+    Ok((CpuStorage::F32(out), l.shape().clone()))
+}
+
+/// An element-wise op over two inputs of the same size: `f(a chunk, b chunk, output chunk)`.
+fn map2(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    op: &str,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (a, b) = (
+        op_f32(s1, l1, op, "the first input")?,
+        op_f32(s2, l2, op, "the second input")?,
+    );
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+    }
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| f(a, b, o));
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 /// `dy · [y > 0]` for the output `y` of a ReLU.
 pub fn relu_grad(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
     y.contiguous()?
@@ -29,19 +65,11 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, dy) = (
-            op_f32(s1, l1, "activation", "the first input")?,
-            op_f32(s2, l2, "activation", "the second input")?,
-        );
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(o, (y, dy))| {
-                for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
-                    *o = if y > 0.0 { d } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map2((s1, l1), (s2, l2), "relu backward", |y, dy, o| {
+            for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
+                *o = if y > 0.0 { d } else { 0.0 };
+            }
+        })
     }
 }
 
@@ -53,16 +81,11 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = op_f32(s, l, "activation", "the input")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = x.max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map1(s, l, "relu", |x, o| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x.max(0.0);
+            }
+        })
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -84,26 +107,11 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (
-            op_f32(s1, l1, "activation", "the first input")?,
-            op_f32(s2, l2, "activation", "the second input")?,
-        );
-        if a.len() != b.len() {
-            candle_core::bail!(
-                "add-relu: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = (a + b).max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map2((s1, l1), (s2, l2), "add-relu", |a, b, o| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = (a + b).max(0.0);
+            }
+        })
     }
 
     fn bwd(
@@ -166,12 +174,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = op_f32(s, l, "gelu", "the input")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| super::vecmath::gelu(x, o));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map1(s, l, "gelu", super::vecmath::gelu)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -193,12 +196,11 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = op_f32(s1, l1, "gelu backward", "the input")?;
-        let dy = op_f32(s2, l2, "gelu backward", "the output gradient")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(o, (x, dy))| super::vecmath::gelu_grad(x, dy, o));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map2(
+            (s1, l1),
+            (s2, l2),
+            "gelu backward",
+            super::vecmath::gelu_grad,
+        )
     }
 }

@@ -87,3 +87,52 @@ pub fn python_with_safetensors() -> Option<PathBuf> {
         .is_ok_and(|s| s.success());
     require_asset(have, "python packages safetensors + numpy in .cache/python").then_some(pypath)
 }
+
+/// A training callback that records whether features were cached and each epoch's duration.
+pub mod clock {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::time::Instant;
+    use wick::train::callback::{Callback, Control, EpochEnd, FitStart};
+
+    #[derive(Default)]
+    pub struct Clock {
+        pub cached: bool,
+        start: Option<Instant>,
+        ends: Vec<f64>,
+    }
+
+    impl Clock {
+        /// Seconds each epoch took (epoch 1 includes any feature caching).
+        pub fn epochs(&self) -> Vec<f64> {
+            let mut prev = 0.0;
+            self.ends
+                .iter()
+                .map(|&t| {
+                    let d = t - prev;
+                    prev = t;
+                    d
+                })
+                .collect()
+        }
+    }
+
+    /// Add `Recorder(clock.clone())` to a trainer; read `clock` after `fit`.
+    pub struct Recorder(pub Rc<RefCell<Clock>>);
+
+    impl Callback for Recorder {
+        fn on_fit_start(&mut self, info: &FitStart) -> wick::Result<()> {
+            let mut c = self.0.borrow_mut();
+            c.cached = info.cached_features;
+            c.start = Some(Instant::now());
+            Ok(())
+        }
+
+        fn on_epoch_end(&mut self, _e: &EpochEnd) -> wick::Result<Control> {
+            let mut c = self.0.borrow_mut();
+            let t = c.start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
+            c.ends.push(t);
+            Ok(Control::Continue)
+        }
+    }
+}
