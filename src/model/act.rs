@@ -131,12 +131,7 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return x.relu();
     }
-    let x = x.contiguous()?;
-    if x.track_op() {
-        x.apply_op1(Relu)
-    } else {
-        x.apply_op1_no_bwd(&Relu)
-    }
+    x.contiguous()?.apply_op1(Relu)
 }
 
 /// `max(a + b, 0)`, the end of a residual block.
@@ -144,12 +139,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if !a.device().is_cpu() {
         return (a + b)?.relu();
     }
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    if a.track_op() || b.track_op() {
-        a.apply_op2(&b, AddRelu)
-    } else {
-        a.apply_op2_no_bwd(&b, &AddRelu)
-    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
 /// The exact GELU, `x · Φ(x)` (`Φ` the normal CDF, through erf), as PyTorch's default
@@ -158,12 +148,7 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return x.gelu_erf();
     }
-    let x = x.contiguous()?;
-    if x.track_op() {
-        x.apply_op1(Gelu)
-    } else {
-        x.apply_op1_no_bwd(&Gelu)
-    }
+    x.contiguous()?.apply_op1(Gelu)
 }
 
 struct Gelu;

@@ -24,12 +24,7 @@ pub struct AttentionSpec {
 /// with `mask` (`[n, L]`, 1 = token, 0 = padding, f32). Returns `[n, L, H]`.
 pub fn attention(qkv: &Tensor, mask: &Tensor, spec: AttentionSpec) -> candle_core::Result<Tensor> {
     let op = Attention(spec);
-    let (qkv, mask) = (qkv.contiguous()?, mask.contiguous()?);
-    if qkv.track_op() {
-        qkv.apply_op2(&mask, op)
-    } else {
-        qkv.apply_op2_no_bwd(&mask, &op)
-    }
+    qkv.contiguous()?.apply_op2(&mask.contiguous()?, op)
 }
 
 struct Attention(AttentionSpec);
@@ -112,12 +107,8 @@ impl Pair {
         );
         let scale = 1.0 / (d as f32).sqrt();
         let keep = &mask[self.b * len..(self.b + 1) * len];
-        let bias: Vec<f32> = keep
-            .iter()
-            .map(|&m| if m > 0.0 { 0.0 } else { -1e30 })
-            .collect();
         for row in p.chunks_exact_mut(len) {
-            super::vecmath::softmax_masked(row, keep, &bias, scale);
+            super::vecmath::softmax_masked(row, keep, scale);
         }
     }
 

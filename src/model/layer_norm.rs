@@ -26,12 +26,8 @@ pub fn layer_norm(
         let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
         return xhat.broadcast_mul(weight)?.broadcast_add(bias);
     }
-    let (x, w, b) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
-    if x.track_op() || w.track_op() || b.track_op() {
-        x.apply_op3(&w, &b, op)
-    } else {
-        x.apply_op3_no_bwd(&w, &b, &op)
-    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
 struct LayerNorm {

@@ -14,12 +14,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor>
     if !x.device().is_cpu() {
         return x.broadcast_matmul(&w.t()?)?.broadcast_add(b);
     }
-    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-    if x.track_op() || w.track_op() || b.track_op() {
-        x.apply_op3(&w, &b, Linear)
-    } else {
-        x.apply_op3_no_bwd(&w, &b, &Linear)
-    }
+    // candle records the op for backward only when an input tracks gradients.
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
 }
 
 struct Linear;

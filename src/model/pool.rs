@@ -126,12 +126,7 @@ pub fn max_pool2d(x: &Tensor, spec: PoolSpec) -> candle_core::Result<Tensor> {
         spec,
         argmax: Arc::new(Mutex::new(Vec::new())),
     };
-    let x = x.contiguous()?;
-    if x.track_op() {
-        x.apply_op1(op)
-    } else {
-        x.apply_op1_no_bwd(&op)
-    }
+    x.contiguous()?.apply_op1(op)
 }
 
 /// Global average pooling: NHWC `[n, h, w, c]` → `[n, c]`.

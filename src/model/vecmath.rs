@@ -101,10 +101,10 @@ dispatch!(gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// their order stays fixed.
 const LANES: usize = 8;
 
-dispatch!(softmax_masked(row: &mut [f32], keep: &[f32], bias: &[f32], scale: f32) {
-    // Scores scaled, padding pushed to -1e30 so that it never wins the max.
-    for ((s, &b), _) in row.iter_mut().zip(bias).zip(keep) {
-        *s = *s * scale + b;
+dispatch!(softmax_masked(row: &mut [f32], keep: &[f32], scale: f32) {
+    // Scores scaled, padding (keep = 0) pushed to -1e30 so that it never wins the max.
+    for (s, &k) in row.iter_mut().zip(keep) {
+        *s = if k > 0.0 { *s * scale } else { -1e30 };
     }
     let mut m = [f32::MIN; LANES];
     let mut chunks = row.chunks_exact(LANES);
