@@ -1,6 +1,8 @@
 //! wick's side of `benches/compare/bert_infer.py`: all-MiniLM-L6-v2 forward time (median) at
 //! batch 1 × 128 tokens and batch 32 × 128 tokens, on the same token ids as the PyTorch side.
-//! Prints JSON: `{"f32": {"batch1_s": .., "batch32_s": ..}}`.
+//! Then quantizes the encoder to int8 (dynamic, `wick::quant::quantize`) and times it again.
+//! Prints JSON: `{"f32": {"batch1_s": .., "batch32_s": ..}, "int8": {..}}` (`--no-int8`: f32
+//! only; `--int8-only`: int8 only).
 //!
 //!     cargo run --release --example bert_infer -- [--threads 2] [--tokens 128] [--iters 5]
 
@@ -56,8 +58,19 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(median(t))
     };
-    let b1 = time(1, iters * 5)?;
-    let b32 = time(32, iters)?;
-    println!("{{\"f32\": {{\"batch1_s\": {b1}, \"batch32_s\": {b32}}}}}");
+    let mut out = serde_json::json!({});
+    if !std::env::args().any(|a| a == "--int8-only") {
+        let b1 = time(1, iters * 5)?;
+        let b32 = time(32, iters)?;
+        out["f32"] = serde_json::json!({"batch1_s": b1, "batch32_s": b32});
+    }
+    if !std::env::args().any(|a| a == "--no-int8") {
+        let cfg = wick::quant::QuantConfig::default();
+        wick::quant::quantize(&enc.bert, &cfg, None)?;
+        let b1 = time(1, iters * 5)?;
+        let b32 = time(32, iters)?;
+        out["int8"] = serde_json::json!({"batch1_s": b1, "batch32_s": b32});
+    }
+    println!("{out}");
     Ok(())
 }

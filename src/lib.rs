@@ -48,6 +48,7 @@ pub mod data;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod quant;
 pub mod rng;
 pub mod train;
 pub mod tune;

@@ -156,6 +156,47 @@ fn fine_tuning_minilm_classifies_spam_and_predicts_texts() {
         .collect();
     assert_eq!(labels, ["spam", "ham"], "{out}");
     assert!(err.contains("ms per text"), "{err}");
+
+    // int8: macro-F1 within half a point of f32 in under 30% of the file, and the quantized
+    // run predicts the same labels.
+    let o = wick()
+        .arg("quantize")
+        .arg(&run)
+        .args(["--json", "--iters", "3"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "wick quantize failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let f1 = |side: &str| r[side]["metrics"]["f1"].as_f64().unwrap();
+    let size = |side: &str| r[side]["file_bytes"].as_f64().unwrap();
+    eprintln!(
+        "MiniLM spam (CI size): f32 F1 {:.4}, int8 F1 {:.4}; file {:.1} MB -> {:.1} MB",
+        f1("f32"),
+        f1("int8"),
+        size("f32") / 1e6,
+        size("int8") / 1e6
+    );
+    assert!((f1("f32") - f1("int8")).abs() <= 0.005, "{r}");
+    assert!(size("int8") <= 0.30 * size("f32"), "{r}");
+    let o = wick()
+        .arg("predict")
+        .arg(run.join("int8"))
+        .args([
+            "--json",
+            "--text",
+            "Congratulations! You have WON a FREE vacation. Click here to claim your cash prize now!!!",
+            "--text",
+            "Hi all, the build of the kernel module fails on Debian testing; patch attached. Thanks, Bob",
+        ])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("\"label\":\"spam\"") && out.contains("\"label\":\"ham\""),
+        "{out}"
+    );
     // A file of texts with invalid UTF-8 on line 2, and an empty --text.
     let bad = tmp.path().join("texts.txt");
     std::fs::write(&bad, b"fine text\nbad \xff byte\n").unwrap();

@@ -80,4 +80,30 @@ fn a_fashion_mnist_backbone_transfers_to_mnist_digits() {
     assert!(acc_pre >= 0.75, "pretrained head reached {acc_pre:.4}");
     // Epoch 1 computed the backbone features of every sample; later epochs only train the head.
     assert!(epochs.len() >= 2);
+
+    // int8 (convolutions through im2col + the int8 GEMM, and the head): within 1 point.
+    let o = common::wick()
+        .arg("quantize")
+        .arg(tmp.path().join("pre"))
+        .args(["--json", "--iters", "2"])
+        .output()
+        .unwrap();
+    let (out, err) = common::text(&o);
+    assert!(o.status.success(), "wick quantize failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let acc = |side: &str| r[side]["metrics"]["accuracy"].as_f64().unwrap();
+    eprintln!(
+        "mnist transfer int8: f32 {:.4}, int8 {:.4}",
+        acc("f32"),
+        acc("int8")
+    );
+    assert!((acc("f32") - acc("int8")).abs() <= 0.01, "{r}");
+    assert!(
+        r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["kind"] == "conv2d" && l["status"] == "int8"),
+        "{r}"
+    );
 }

@@ -5,6 +5,7 @@ mod data;
 mod embed;
 mod eval;
 mod predict;
+mod quantize;
 mod runs;
 mod train;
 mod tune;
@@ -23,6 +24,8 @@ Examples:
   wick runs
   wick train configs/spam_bert.toml
   wick predict checkpoints/runs/spam_bert --text \"WIN a FREE cruise, click now\"
+  wick quantize checkpoints/runs/spam_bert --calib 8
+  wick eval checkpoints/runs/spam_bert/int8
   wick embed checkpoints/pretrained/all-MiniLM-L6-v2 --text \"The cat sits outside\"
   wick tune configs/tune_digits.toml
   wick tune --status checkpoints/tune/digits_tune
@@ -54,6 +57,8 @@ pub enum Command {
     Tune(tune::TuneArgs),
     /// Sentence embeddings from a BERT-family model (mean pooling, L2-normalised).
     Embed(embed::EmbedArgs),
+    /// Quantize a trained run to int8 and compare it with f32 (size, accuracy, speed).
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Parses `std::env::args` and runs the command.
@@ -67,6 +72,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Data(a) => data::run(a),
         Command::Tune(a) => tune::run(a),
         Command::Embed(a) => embed::run(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }
 
@@ -91,6 +97,29 @@ pub(crate) fn load_run_model(run_dir: &std::path::Path, which: Which) -> anyhow:
     let run = crate::train::RunDir::open(run_dir)?;
     let cfg = run.config()?;
     let schema = run.schema()?;
+    let qfile = run_dir.join(crate::quant::MODEL_FILE);
+    if qfile.is_file() {
+        // A directory written by `wick quantize`: build the model, then install the int8
+        // checkpoint (one file; `--checkpoint` does not apply).
+        let mut model_cfg = cfg.model.clone();
+        if model_cfg.kind == crate::config::ModelKind::Resnet {
+            let shapes = crate::quant::file_shapes(&qfile)?;
+            model_cfg.pretrained = None;
+            if let Some(s) = shapes.get("conv1.weight") {
+                model_cfg.width = s[0];
+                model_cfg.in_channels = Some(s[1]);
+            }
+        }
+        let model =
+            crate::model::build(&model_cfg, &schema, cfg.run.seed, &candle_core::Device::Cpu)?;
+        crate::quant::load(model.as_ref(), &qfile)?;
+        return Ok(LoadedRun {
+            schema,
+            cfg,
+            model,
+            checkpoint: qfile,
+        });
+    }
     let which = match which {
         Which::Best => "best",
         Which::Last => "last",

@@ -356,11 +356,58 @@ impl Bert {
     }
 
     fn dense(&self, name: &str, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
-        linear(
-            x,
-            &self.t(&format!("{name}.weight"), grad)?,
-            &self.t(&format!("{name}.bias"), grad)?,
-        )
+        let b = self.t(&format!("{name}.bias"), grad)?;
+        let wname = format!("{name}.weight");
+        crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
+            linear(x, &self.t(&wname, grad)?, &b)
+        })
+    }
+
+    /// Rows `ids` of embedding table `name` (`[ids, H]`), int8 when quantized.
+    fn lookup(&self, name: &str, ids: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
+        match self.store.quantized(name) {
+            Some(q) => crate::quant::embedding(ids, &q),
+            None => self.t(name, grad)?.index_select(ids, 0),
+        }
+    }
+
+    /// Query, key and value of layer prefix `p` in one product `[.., 3H]`.
+    fn qkv(&self, p: &str, x: &Tensor, g: bool) -> candle_core::Result<Tensor> {
+        let name = |part: &str, what: &str| format!("{p}.attention.self.{part}.{what}");
+        let w = |part: &str, what: &str| self.t(&name(part, what), g);
+        let bqkv = Tensor::cat(
+            &[w("query", "bias")?, w("key", "bias")?, w("value", "bias")?],
+            0,
+        )?;
+        let parts =
+            ["query", "key", "value"].map(|part| self.store.quantized(&name(part, "weight")));
+        if let [Some(q), Some(k), Some(v)] = &parts {
+            // One stacked int8 product (rows keep their scales), built once.
+            let fused = format!("{p}.attention.self.qkv.weight");
+            let qt = match self.store.quantized(&fused) {
+                Some(f) => f,
+                None => {
+                    let f = std::sync::Arc::new(crate::quant::QTensor::stack(&fused, &[q, k, v]));
+                    self.store
+                        .set_quantized(f.clone())
+                        .map_err(candle_core::Error::wrap)?;
+                    f
+                }
+            };
+            return crate::quant::linear(x, &qt, Some(&bqkv));
+        }
+        let mut ws = Vec::new();
+        for (part, q) in ["query", "key", "value"].iter().zip(&parts) {
+            let wname = name(part, "weight");
+            ws.push(match q {
+                Some(q) => Tensor::from_vec(q.dequantize(), q.shape.clone(), x.device())?,
+                None => {
+                    self.store.observe(&wname, x)?;
+                    self.t(&wname, g)?
+                }
+            });
+        }
+        linear(x, &Tensor::cat(&ws, 0)?, &bqkv)
     }
 
     fn norm(&self, name: &str, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
@@ -405,12 +452,10 @@ impl Bert {
         let p_hidden = if train { c.hidden_dropout_prob } else { 0.0 };
         let ids = ids.to_dtype(DType::U32)?;
         let words = self
-            .t("embeddings.word_embeddings.weight", g)?
-            .index_select(&ids.flatten_all()?, 0)?
+            .lookup("embeddings.word_embeddings.weight", &ids.flatten_all()?, g)?
             .reshape((n, len, c.hidden_size))?;
-        let pos = self
-            .t("embeddings.position_embeddings.weight", g)?
-            .narrow(0, 0, len)?;
+        let positions = Tensor::arange(0u32, len as u32, ids.device())?;
+        let pos = self.lookup("embeddings.position_embeddings.weight", &positions, g)?;
         let types = self
             .t("embeddings.token_type_embeddings.weight", g)?
             .narrow(0, 0, 1)?;
@@ -419,21 +464,7 @@ impl Bert {
         let mut x = ctx.dropout(&x, p_hidden)?;
         for l in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
-            let w =
-                |part: &str, what: &str| self.t(&format!("{p}.attention.self.{part}.{what}"), g);
-            let wqkv = Tensor::cat(
-                &[
-                    w("query", "weight")?,
-                    w("key", "weight")?,
-                    w("value", "weight")?,
-                ],
-                0,
-            )?;
-            let bqkv = Tensor::cat(
-                &[w("query", "bias")?, w("key", "bias")?, w("value", "bias")?],
-                0,
-            )?;
-            let qkv = linear(&x, &wqkv, &bqkv)?;
+            let qkv = self.qkv(&p, &x, g)?;
             let seed = ctx.rng().next_u64();
             let a = attention(
                 &qkv,
@@ -541,6 +572,33 @@ impl Model for Bert {
 
     fn features(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.pooled(xs, mask)
+    }
+
+    fn quant_layers(&self) -> Vec<crate::quant::QuantLayer> {
+        use crate::quant::QuantLayer;
+        let mut v = vec![
+            QuantLayer::embedding("embeddings.word_embeddings.weight"),
+            QuantLayer::embedding("embeddings.position_embeddings.weight"),
+        ];
+        for l in 0..self.config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            for part in [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ] {
+                v.push(QuantLayer::linear(format!("{p}.{part}.weight")));
+            }
+        }
+        for head in ["pooler.dense.weight", "classifier.weight"] {
+            if self.store.get(head).is_some() {
+                v.push(QuantLayer::linear(head));
+            }
+        }
+        v
     }
 }
 

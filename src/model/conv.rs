@@ -62,6 +62,8 @@ struct Geom {
     ho: usize,
     wo: usize,
     s: ConvSpec,
+    /// Always order im2col columns `(ki, kj, channel)` (int8 inference packs its weights so).
+    force_inner: bool,
 }
 
 impl Geom {
@@ -91,6 +93,7 @@ impl Geom {
             ho,
             wo,
             s,
+            force_inner: false,
         })
     }
     fn groups(&self) -> usize {
@@ -123,7 +126,7 @@ impl Geom {
     /// first pays when the im2col matrix is much larger than the weight: early layers, where
     /// permuting a small weight costs less than scattering the columns.
     fn channel_inner(&self) -> bool {
-        self.groups() == 1 && self.p() > 4 * self.cout
+        self.groups() == 1 && (self.force_inner || self.p() > 4 * self.cout)
     }
     /// Input row `oh·stride + ki·dilation − padding`, if inside the image.
     fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
@@ -272,6 +275,32 @@ fn col2im_add(dcol: &[f32], g: &Geom, gi: usize, dx: &mut [f32]) {
                 }
             }
         });
+}
+
+/// The im2col matrix `[P, K]` of an ungrouped convolution, columns ordered `(ki, kj,
+/// channel)` (the weight layout `[out, kh, kw, in]`), and the NHWC output shape. A pointwise
+/// convolution's matrix is `x` itself.
+pub fn im2col_khwc<'a>(
+    x: &'a [f32],
+    xs: &[usize],
+    ws: &[usize],
+    s: ConvSpec,
+) -> candle_core::Result<(std::borrow::Cow<'a, [f32]>, [usize; 4])> {
+    let mut g = Geom::new(xs, ws, s)?;
+    if g.groups() != 1 {
+        candle_core::bail!(
+            "conv2d: int8 convolutions take groups = 1, not {}",
+            g.groups()
+        );
+    }
+    g.force_inner = true;
+    let shape = [g.n, g.ho, g.wo, g.cout];
+    if g.pointwise() {
+        return Ok((std::borrow::Cow::Borrowed(x), shape));
+    }
+    let mut col = scratch(g.p() * g.k());
+    im2col(x, &g, 0, &mut col);
+    Ok((std::borrow::Cow::Owned(col), shape))
 }
 
 /// Forward convolution: `x` NHWC, weight `[out, in/groups, kh, kw]` → NHWC output.

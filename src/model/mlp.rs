@@ -267,15 +267,22 @@ impl Model for Mlp {
         let mut h = xs.clone();
         let last = self.layers.len() - 1;
         for (i, (w, b)) in self.layers.iter().enumerate() {
-            h = h
-                .matmul(&w.as_tensor().t()?)?
-                .broadcast_add(b.as_tensor())?;
+            let wname = format!("layers.{i}.weight");
+            h = crate::quant::linear_or(&self.store, &wname, &h, Some(b.as_tensor()), || {
+                h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())
+            })?;
             if i < last {
                 h = self.activate(&h)?;
                 h = ctx.dropout(&h, self.dropout)?;
             }
         }
         Ok(h)
+    }
+
+    fn quant_layers(&self) -> Vec<crate::quant::QuantLayer> {
+        (0..self.layers.len())
+            .map(|i| crate::quant::QuantLayer::linear(format!("layers.{i}.weight")))
+            .collect()
     }
 
     fn loss_and_grad(

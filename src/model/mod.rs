@@ -230,6 +230,13 @@ pub trait Model: Send {
         None
     }
 
+    /// The weights [`crate::quant::quantize`] may turn into int8, with their layer kind. A
+    /// model that lists a layer must run it through the int8 path once the store holds int8
+    /// weights for it (see [`crate::quant::linear_or`]). Default: none.
+    fn quant_layers(&self) -> Vec<crate::quant::QuantLayer> {
+        Vec::new()
+    }
+
     /// The frozen part's output for raw inputs `xs` (evaluation mode, no gradient); `mask` is
     /// the attention mask of a token batch.
     fn features(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {

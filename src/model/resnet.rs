@@ -257,10 +257,16 @@ impl ResNet {
         train: bool,
         relu: bool,
     ) -> candle_core::Result<Tensor> {
-        let w = self.t(&format!("{}.weight", l.conv))?;
+        let wname = format!("{}.weight", l.conv);
         // A frozen layer keeps its statistics: evaluation mode.
         let bn_train = train && self.store.is_trainable(&format!("{}.weight", l.bn));
         let bn = self.bn(&l.bn)?;
+        if let (Some(q), false) = (self.store.quantized(&wname), bn_train) {
+            let (scale, shift) = bn.eval_affine()?;
+            return crate::quant::conv2d(x, &q, l.spec, Some((&scale, &shift)), relu);
+        }
+        self.store.observe(&wname, x)?;
+        let w = self.t(&wname)?;
         if !bn_train && !x.track_op() && !w.track_op() && x.device().is_cpu() {
             // Nothing upstream needs a gradient: one fused op, BatchNorm and ReLU applied on
             // the convolution's output in place.
@@ -324,19 +330,20 @@ impl ResNet {
     /// The head on pooled features: dropout, `fc` (or `fc.0` → ReLU → dropout → `fc.3`).
     pub fn head(&self, feats: &Tensor, ctx: &mut ModelCtx) -> candle_core::Result<Tensor> {
         let p = self.cfg.dropout;
-        let lin = |name: &str| -> candle_core::Result<Linear> {
-            Ok(Linear::new(
-                self.t(&format!("{name}.weight"))?,
-                Some(self.t(&format!("{name}.bias"))?),
-            ))
+        let lin = |name: &str, x: &Tensor| -> candle_core::Result<Tensor> {
+            let wname = format!("{name}.weight");
+            let b = self.t(&format!("{name}.bias"))?;
+            crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
+                Linear::new(self.t(&wname)?, Some(b.clone())).forward(x)
+            })
         };
         let x = ctx.dropout(feats, p)?;
         match self.cfg.head_hidden {
-            None => lin("fc")?.forward(&x),
+            None => lin("fc", &x),
             Some(_) => {
-                let h = super::act::relu(&lin("fc.0")?.forward(&x)?)?;
+                let h = super::act::relu(&lin("fc.0", &x)?)?;
                 let h = ctx.dropout(&h, p)?;
-                lin("fc.3")?.forward(&h)
+                lin("fc.3", &h)
             }
         }
     }
@@ -369,6 +376,27 @@ impl Model for ResNet {
 
     fn features(&self, xs: &Tensor, _mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.backbone(xs, false)
+    }
+
+    fn quant_layers(&self) -> Vec<crate::quant::QuantLayer> {
+        use crate::quant::QuantLayer;
+        let stem = ConvSpec {
+            stride: 2,
+            padding: 3,
+            ..Default::default()
+        };
+        let mut v = vec![QuantLayer::conv2d("conv1.weight", stem)];
+        for b in &self.blocks {
+            for l in b.layers.iter().chain(&b.downsample) {
+                v.push(QuantLayer::conv2d(format!("{}.weight", l.conv), l.spec));
+            }
+        }
+        let heads: &[&str] = match self.cfg.head_hidden {
+            None => &["fc.weight"],
+            Some(_) => &["fc.0.weight", "fc.3.weight"],
+        };
+        v.extend(heads.iter().map(|h| QuantLayer::linear(*h)));
+        v
     }
 }
 

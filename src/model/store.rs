@@ -7,12 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 
+use crate::quant::{Calibration, QTensor};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -39,6 +41,11 @@ struct Inner {
     seed: u64,
     device: Device,
     vars: Mutex<BTreeMap<String, Entry>>,
+    /// int8 weights by parameter name (see [`crate::quant`]).
+    quant: RwLock<BTreeMap<String, Arc<QTensor>>>,
+    /// Set while [`crate::quant`] records layer inputs.
+    calibrating: AtomicBool,
+    calibration: Mutex<Calibration>,
 }
 
 /// Named parameters of a model, initialised deterministically from a seed.
@@ -60,6 +67,9 @@ impl ParamStore {
                 seed,
                 device,
                 vars: Mutex::new(BTreeMap::new()),
+                quant: RwLock::new(BTreeMap::new()),
+                calibrating: AtomicBool::new(false),
+                calibration: Mutex::new(Calibration::default()),
             }),
         }
     }
@@ -101,6 +111,96 @@ impl ParamStore {
     /// The variable called `name`.
     pub fn get(&self, name: &str) -> Option<Var> {
         self.lock().get(name).map(|e| e.var.clone())
+    }
+
+    /// The int8 weights of parameter `name`, once the model is quantized.
+    pub fn quantized(&self, name: &str) -> Option<Arc<QTensor>> {
+        let q = self.inner.quant.read().unwrap_or_else(|e| e.into_inner());
+        if q.is_empty() {
+            return None;
+        }
+        q.get(name).cloned()
+    }
+
+    /// Whether any weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        !self
+            .inner
+            .quant
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Every int8 weight, by name.
+    pub fn quantized_all(&self) -> BTreeMap<String, Arc<QTensor>> {
+        self.inner
+            .quant
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Installs int8 weights for parameter `q.name` (or a derived name, such as a stacked
+    /// product of several parameters). A parameter's f32 value becomes the dequantized
+    /// weights, so that any f32 path computes the same function.
+    pub fn set_quantized(&self, q: Arc<QTensor>) -> Result<()> {
+        if let Some(var) = self.get(&q.name) {
+            if var.elem_count() != q.q.len() {
+                return Err(Error::Checkpoint(format!(
+                    "{}: {} int8 values for a parameter of shape {:?}",
+                    q.name,
+                    q.q.len(),
+                    var.dims()
+                )));
+            }
+            let t = Tensor::from_vec(q.dequantize(), var.shape(), var.device())?;
+            var.set(&t)?;
+        }
+        self.inner
+            .quant
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(q.name.clone(), q);
+        Ok(())
+    }
+
+    /// Starts recording the inputs of quantizable layers ([`Self::observe`]).
+    pub fn start_calibration(&self) {
+        *self
+            .inner
+            .calibration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Calibration::default();
+        self.inner.calibrating.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops recording and returns what was recorded.
+    pub fn finish_calibration(&self) -> Calibration {
+        self.inner.calibrating.store(false, Ordering::SeqCst);
+        std::mem::take(
+            &mut *self
+                .inner
+                .calibration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Records `x`, the input of the quantizable layer whose weight is `name`, while
+    /// calibrating (a no-op otherwise). Models call it on their f32 path.
+    pub fn observe(&self, name: &str, x: &Tensor) -> candle_core::Result<()> {
+        if !self.inner.calibrating.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let dims = x.dims().to_vec();
+        let v: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        self.inner
+            .calibration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(name, &v, &dims);
+        Ok(())
     }
 
     /// Freezes (or unfreezes) every parameter whose name starts with `prefix`; returns how many.

@@ -1,0 +1,488 @@
+//! Integer GEMM for int8 inference: `C[m, n] = A[m, k] · B[n, k]ᵀ`, exact in i32.
+//!
+//! `A` holds activations quantized per row, `B` the weights quantized per output channel, both
+//! symmetric int8 in `[-127, 127]`. Products are accumulated exactly in i32 and turned back to
+//! f32 by an epilogue (`acc · sa[i] · sw[j] + bias[j]`), tile by tile, so the i32 matrix never
+//! exists as a whole.
+//!
+//! ## Kernel choice on AVX2
+//! AVX2 has two integer multiply-adds. `vpmaddubsw` multiplies *unsigned* by signed bytes and
+//! saturates its 16-bit pair sums; with signed activations it needs the `vpsignb`/`vpabsb`
+//! trick (as llama.cpp's q8_0 dot) and then a `vpmaddwd` to widen: two multiplies for 32
+//! products plus two extra ops. `vpmaddwd` on values widened to i16 does 16 products in one
+//! multiply with no saturation at all. Both spend one multiply per 16 products, and the
+//! multiply ports are the limit, so the i16 form is as fast with fewer instructions and is
+//! exact by construction. Weights are widened once, when they are packed; activations when
+//! they are quantized. The int8 form remains the storage format (checkpoints, memory of the
+//! unpacked weights). AVX-512 VNNI (`vpdpbusd`, 64 products per instruction) would pay on CPUs
+//! that have it; this machine does not, so it is not written yet.
+//!
+//! Layout: `B` is packed in panels of [`NR`] output channels; within a panel, each pair of
+//! `k` holds the 16 channels' two values side by side (`[k/2][16][2]` i16), which is what one
+//! `vpmaddwd` against a broadcast pair of `A` needs. `k` is padded to even with zeros.
+//! The micro-kernel computes [`MR`]×[`NR`] outputs with 12 accumulators. Tiles of the output
+//! are independent, so results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+/// Rows of the micro-kernel.
+pub const MR: usize = 6;
+/// Columns (output channels) of the micro-kernel and of a packed panel.
+pub const NR: usize = 16;
+
+/// Weights `[n, k]` packed for [`gemm`]: i16 panels of [`NR`] rows of `B`.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub n: usize,
+    pub k: usize,
+    data: Vec<i16>,
+}
+
+impl Packed {
+    /// `k` rounded up to even (the packed pair layout).
+    pub fn kp(&self) -> usize {
+        self.k.next_multiple_of(2)
+    }
+
+    fn panel(&self, p: usize) -> &[i16] {
+        let len = self.kp() * NR;
+        &self.data[p * len..(p + 1) * len]
+    }
+
+    /// Bytes held by the packed panels.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// Packs int8 weights `b` (`[n, k]`, row-major) into panels.
+pub fn pack(b: &[i8], n: usize, k: usize) -> Packed {
+    assert_eq!(b.len(), n * k, "pack: {} values for [{n}, {k}]", b.len());
+    let kp = k.next_multiple_of(2);
+    let panels = n.div_ceil(NR);
+    let mut data = vec![0i16; panels * kp * NR];
+    data.par_chunks_mut(kp * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &b[(p * NR + j) * k..][..k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[((kk / 2) * NR + j) * 2 + kk % 2] = v as i16;
+                }
+            }
+        });
+    Packed { n, k, data }
+}
+
+/// Activations `[m, k]` quantized per row to i16 values in `[-127, 127]`, rows padded to even
+/// length, with one scale per row (`x ≈ q · scale`).
+#[derive(Debug, Clone)]
+pub struct QRows {
+    pub m: usize,
+    pub k: usize,
+    pub q: Vec<i16>,
+    pub scale: Vec<f32>,
+}
+
+impl QRows {
+    fn kp(&self) -> usize {
+        self.k.next_multiple_of(2)
+    }
+}
+
+/// Quantizes the rows of `x` (`[m, k]`): each row by its own max |x| / 127 (dynamic), or all
+/// by `fixed` (static, values beyond the calibrated range clip).
+pub fn quantize_rows(x: &[f32], m: usize, k: usize, fixed: Option<f32>) -> QRows {
+    assert_eq!(
+        x.len(),
+        m * k,
+        "quantize_rows: {} values for [{m}, {k}]",
+        x.len()
+    );
+    let kp = k.next_multiple_of(2);
+    let mut q: Vec<i16> = Vec::with_capacity(m * kp);
+    // SAFETY: i16 has no invalid bit patterns, and every row (padding included) is written
+    // below before anything reads it.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        q.set_len(m * kp)
+    };
+    let mut scale = vec![0f32; m];
+    let rows = |(row, (dst, s)): (&[f32], (&mut [i16], &mut f32))| {
+        let sc = match fixed {
+            Some(f) => f,
+            None => max_abs(row) / 127.0,
+        };
+        *s = sc;
+        if sc > 0.0 {
+            round_row(row, 1.0 / sc, &mut dst[..k]);
+        } else {
+            dst[..k].fill(0);
+        }
+        dst[k..].fill(0);
+    };
+    if k == 0 {
+        q.fill(0);
+        return QRows { m, k, q, scale };
+    }
+    x.par_chunks(k)
+        .zip(q.par_chunks_mut(kp).zip(scale.par_iter_mut()))
+        .with_min_len(16)
+        .for_each(rows);
+    QRows { m, k, q, scale }
+}
+
+/// `max |x|`, vectorised.
+fn max_abs(x: &[f32]) -> f32 {
+    #[inline(always)]
+    fn imp(x: &[f32]) -> f32 {
+        let mut m = [0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in m.iter_mut().zip(c) {
+                *a = a.max(v.abs());
+            }
+        }
+        let tail = chunks.remainder().iter().fold(0f32, |a, v| a.max(v.abs()));
+        m.iter().fold(tail, |a, &v| a.max(v))
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(x: &[f32]) -> f32 {
+            imp(x)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `fast` is compiled for.
+            return unsafe { fast(x) };
+        }
+    }
+    imp(x)
+}
+
+/// `dst[j] = acc[j] · sa · sw[j] (+ bias[j])`: the f32 epilogue of one row of a tile.
+fn epilogue(acc: &[i32; NR], sa: f32, sw: &[f32], bias: Option<&[f32]>, dst: &mut [f32]) {
+    #[inline(always)]
+    fn imp(acc: &[i32; NR], sa: f32, sw: &[f32], bias: Option<&[f32]>, dst: &mut [f32]) {
+        if let (NR, Some(b)) = (dst.len(), bias) {
+            let (sw, b): (&[f32; NR], &[f32; NR]) =
+                (sw.try_into().expect("NR"), b.try_into().expect("NR"));
+            let dst: &mut [f32; NR] = dst.try_into().expect("NR");
+            for j in 0..NR {
+                dst[j] = (acc[j] as f32 * sa).mul_add(sw[j], b[j]);
+            }
+            return;
+        }
+        for (j, d) in dst.iter_mut().enumerate() {
+            let v = acc[j] as f32 * sa;
+            *d = match bias {
+                Some(b) => v.mul_add(sw[j], b[j]),
+                None => v * sw[j],
+            };
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(
+            acc: &[i32; NR],
+            sa: f32,
+            sw: &[f32],
+            bias: Option<&[f32]>,
+            dst: &mut [f32],
+        ) {
+            imp(acc, sa, sw, bias, dst)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `fast` is compiled for.
+            return unsafe { fast(acc, sa, sw, bias, dst) };
+        }
+    }
+    imp(acc, sa, sw, bias, dst)
+}
+
+/// `dst = round(x · inv)` clamped to `[-127, 127]`, ties to even.
+fn round_row(x: &[f32], inv: f32, dst: &mut [i16]) {
+    #[inline(always)]
+    fn imp(x: &[f32], inv: f32, dst: &mut [i16]) {
+        // Adding and subtracting 1.5·2^23 rounds to nearest even for |v| < 2^22, in a form
+        // that vectorises (`f32::round_ties_even` becomes a libm call on baseline x86-64).
+        const MAGIC: f32 = 12_582_912.0;
+        for (d, &v) in dst.iter_mut().zip(x) {
+            let v = (v * inv).clamp(-127.0, 127.0);
+            *d = ((v + MAGIC) - MAGIC) as i16;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(x: &[f32], inv: f32, dst: &mut [i16]) {
+            imp(x, inv, dst)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `fast` is compiled for.
+            return unsafe { fast(x, inv, dst) };
+        }
+    }
+    imp(x, inv, dst)
+}
+
+/// The i32 product `A·Bᵀ` (`[m, n]`) of int8 rows `a` (`[m, k]`) and packed weights.
+pub fn gemm_i32(a: &[i8], m: usize, b: &Packed) -> Vec<i32> {
+    gemm_i32_with(a, m, b, Isa::detect())
+}
+
+/// As [`gemm_i32`] with a chosen instruction set (tests run every one).
+pub fn gemm_i32_with(a: &[i8], m: usize, b: &Packed, isa: Isa) -> Vec<i32> {
+    let (k, kp) = (b.k, b.kp());
+    assert_eq!(a.len(), m * k, "gemm: {} values for [{m}, {k}]", a.len());
+    let mut q = vec![0i16; m * kp];
+    for (dst, src) in q.chunks_exact_mut(kp).zip(a.chunks_exact(k.max(1))) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s as i16;
+        }
+    }
+    let mut out = vec![0i32; m * b.n];
+    let ptr = SendPtr(out.as_mut_ptr());
+    let emit = |i0: usize, mm: usize, p: usize, tile: &[[i32; NR]; MR]| {
+        let nn = NR.min(b.n - p * NR);
+        for (r, acc) in tile.iter().enumerate().take(mm) {
+            // SAFETY: tile (i0.., p) owns rows i0..i0+mm, columns p·NR..p·NR+nn of `out`.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(ptr.at((i0 + r) * b.n + p * NR), nn) };
+            dst.copy_from_slice(&acc[..nn]);
+        }
+    };
+    tiles(m, b.n, emit, &q, kp, b, isa);
+    out
+}
+
+/// `y[m, n] = (Aq·Bᵀ) · sa[i] · sw[j] + bias[j]`: the f32 result of a quantized linear layer.
+pub fn gemm_f32(a: &QRows, b: &Packed, sw: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    assert_eq!(
+        a.k, b.k,
+        "gemm: activations of width {} for weights of width {}",
+        a.k, b.k
+    );
+    assert_eq!(
+        sw.len(),
+        b.n,
+        "gemm: {} weight scales for {} outputs",
+        sw.len(),
+        b.n
+    );
+    let (m, n) = (a.m, b.n);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: every element is written by exactly one tile below before it is read.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(m * n)
+    };
+    let ptr = SendPtr(out.as_mut_ptr());
+    tiles(
+        m,
+        n,
+        |i0, mm, p, tile: &[[i32; NR]; MR]| {
+            let j0 = p * NR;
+            let nn = NR.min(n - j0);
+            for (r, acc) in tile.iter().enumerate().take(mm) {
+                let sa = a.scale[i0 + r];
+                // SAFETY: tile (i0.., p) owns rows i0..i0+mm, columns j0..j0+nn of `out`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.at((i0 + r) * n + j0), nn) };
+                epilogue(
+                    acc,
+                    sa,
+                    &sw[j0..j0 + nn],
+                    bias.map(|b| &b[j0..j0 + nn]),
+                    dst,
+                );
+            }
+        },
+        &a.q,
+        a.kp(),
+        b,
+        Isa::detect(),
+    );
+    out
+}
+
+struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: tiles write disjoint regions.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn at(self, off: usize) -> *mut T {
+        self.0.wrapping_add(off)
+    }
+}
+
+/// The instruction set of the micro-kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust (any CPU).
+    Portable,
+    /// x86-64 AVX2 (`vpmaddwd`).
+    Avx2,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+
+    /// Every kernel this CPU can run (for tests).
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if Isa::detect() == Isa::Avx2 {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+}
+
+/// Rows per task: a block of micro-tiles sharing one pass over a weight panel.
+const ROW_BLOCK: usize = 8 * MR;
+
+/// Runs the micro-kernel over every (row block, panel) tile, in parallel, handing each
+/// `MR × NR` result to `emit(first_row, rows, panel, acc)`.
+fn tiles<F>(m: usize, n: usize, emit: F, a: &[i16], lda: usize, b: &Packed, isa: Isa)
+where
+    F: Fn(usize, usize, usize, &[[i32; NR]; MR]) + Sync,
+{
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let row_blocks = m.div_ceil(ROW_BLOCK);
+    // Few rows (a batch of one): split the panels too, so that every core works.
+    let panel_group = if row_blocks >= 4 {
+        panels
+    } else {
+        panels.div_ceil(8).max(1)
+    };
+    let groups = panels.div_ceil(panel_group);
+    let kp2 = b.kp() / 2;
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));
+        for p in g * panel_group..((g + 1) * panel_group).min(panels) {
+            let panel = b.panel(p);
+            let mut i0 = r0;
+            while i0 < r1 {
+                let mm = MR.min(r1 - i0);
+                let mut rows = [0usize; MR];
+                for (r, slot) in rows.iter_mut().enumerate() {
+                    *slot = (i0 + r.min(mm - 1)) * lda;
+                }
+                let mut acc = [[0i32; NR]; MR];
+                kernel(isa, a, &rows, panel, kp2, &mut acc);
+                emit(i0, mm, p, &acc);
+                i0 += mm;
+            }
+        }
+    };
+    let tasks = row_blocks * groups;
+    let work = m * n * b.k;
+    if tasks > 1 && work >= 1 << 16 && rayon::current_num_threads() > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+fn kernel(
+    isa: Isa,
+    a: &[i16],
+    rows: &[usize; MR],
+    panel: &[i16],
+    kp2: usize,
+    acc: &mut [[i32; NR]; MR],
+) {
+    for &r in rows {
+        assert!(r + 2 * kp2 <= a.len(), "gemm: activation rows out of range");
+    }
+    assert!(panel.len() >= kp2 * 2 * NR, "gemm: panel out of range");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2; bounds checked above.
+            unsafe { avx2::kernel(a.as_ptr(), rows, panel.as_ptr(), kp2, acc) }
+        }
+        _ => portable_kernel(a, rows, panel, kp2, acc),
+    }
+}
+
+fn portable_kernel(
+    a: &[i16],
+    rows: &[usize; MR],
+    panel: &[i16],
+    kp2: usize,
+    acc: &mut [[i32; NR]; MR],
+) {
+    for t in 0..kp2 {
+        let b = &panel[t * 2 * NR..][..2 * NR];
+        for (r, &row) in rows.iter().enumerate() {
+            let (a0, a1) = (a[row + 2 * t] as i32, a[row + 2 * t + 1] as i32);
+            for j in 0..NR {
+                acc[r][j] += a0 * b[2 * j] as i32 + a1 * b[2 * j + 1] as i32;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `acc[r][j] = Σ_k a[rows[r] + k] · B[j][k]` over `2·kp2` values of `k`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn kernel(
+        a: *const i16,
+        rows: &[usize; MR],
+        b: *const i16,
+        kp2: usize,
+        acc: &mut [[i32; NR]; MR],
+    ) {
+        let z = _mm256_setzero_si256();
+        let mut c = [[z; 2]; MR];
+        let ap: [*const i32; MR] = std::array::from_fn(|r| a.add(rows[r]) as *const i32);
+        for t in 0..kp2 {
+            let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
+            let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
+            for r in 0..MR {
+                let av = _mm256_set1_epi32(ap[r].add(t).read_unaligned());
+                c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(av, b0));
+                c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(av, b1));
+            }
+        }
+        for r in 0..MR {
+            _mm256_storeu_si256(acc[r].as_mut_ptr() as *mut __m256i, c[r][0]);
+            _mm256_storeu_si256(acc[r].as_mut_ptr().add(8) as *mut __m256i, c[r][1]);
+        }
+    }
+}
+
+/// Scalar reference: `C[i][j] = Σ_k a[i][k] · b[j][k]` in i32.
+pub fn reference(a: &[i8], b: &[i8], m: usize, n: usize, k: usize) -> Vec<i32> {
+    let mut c = vec![0i32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k)
+                .map(|kk| a[i * k + kk] as i32 * b[j * k + kk] as i32)
+                .sum();
+        }
+    }
+    c
+}

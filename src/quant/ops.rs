@@ -1,0 +1,167 @@
+//! The int8 layers: linear, convolution (im2col + int8 GEMM) and embedding lookup. They run
+//! without autograd (inference only) on the CPU; on other devices they compute the same
+//! function from the dequantized weights.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{gemm_f32, quantize_rows};
+use super::{rel_error, LayerKind, QTensor};
+use crate::model::conv::{conv2d_forward, im2col_khwc, ConvSpec};
+use crate::model::kernels::with_f32;
+
+fn f32_vec(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+/// The layer whose weight is `wname` in `store`, applied to `x`: the int8 linear kernel once
+/// the weight is quantized, else `f32` (with `x` recorded while calibrating). Models call it
+/// for each quantizable linear layer.
+pub fn linear_or(
+    store: &crate::model::ParamStore,
+    wname: &str,
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    f32: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    if let Some(q) = store.quantized(wname) {
+        return linear(x, &q, bias);
+    }
+    store.observe(wname, x)?;
+    f32()
+}
+
+/// `x·Wᵀ + b` over the last dimension of `x` with int8 weights `q` (`[out, in]`).
+pub fn linear(x: &Tensor, q: &QTensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let k = *x.dims().last().unwrap_or(&1);
+    if q.kind != LayerKind::Linear || q.cols() != k {
+        candle_core::bail!(
+            "int8 linear `{}`: input width {k}, weights {:?}",
+            q.name,
+            q.shape
+        );
+    }
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank ≥ 1") = q.rows();
+    if !x.device().is_cpu() {
+        let w = Tensor::from_vec(q.dequantize(), (q.rows(), k), x.device())?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let x = x.contiguous()?;
+    let m = x.elem_count() / k.max(1);
+    let b = bias.map(f32_vec).transpose()?;
+    let y = with_f32(&x, |xs| {
+        let a = quantize_rows(xs, m, k, q.act_scale);
+        gemm_f32(&a, q.packed(), &q.scale, b.as_deref())
+    });
+    let y = match y {
+        Some(y) => y,
+        None => {
+            let xs = f32_vec(&x)?;
+            let a = quantize_rows(&xs, m, k, q.act_scale);
+            gemm_f32(&a, q.packed(), &q.scale, b.as_deref())
+        }
+    };
+    Tensor::from_vec(y, shape, x.device())
+}
+
+/// Convolution of NHWC `x` with int8 weights `q` (`[out, in, kh, kw]`), then
+/// `max(y·scale + shift, 0)` per output channel (the affine map of an evaluation-mode
+/// BatchNorm, if given; the ReLU with `relu`).
+pub fn conv2d(
+    x: &Tensor,
+    q: &QTensor,
+    spec: ConvSpec,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    if q.kind != LayerKind::Conv2d {
+        candle_core::bail!("int8 conv2d `{}`: not a convolution weight", q.name);
+    }
+    let xv = f32_vec(x)?;
+    let (mut y, shape) = conv_raw(q, &xv, x.dims(), spec)?;
+    let c = shape[3];
+    if affine.is_some() || relu {
+        y.par_chunks_mut(c * 64).for_each(|rows| {
+            for row in rows.chunks_exact_mut(c) {
+                if let Some((a, b)) = affine {
+                    for ((v, &a), &b) in row.iter_mut().zip(a).zip(b) {
+                        *v = *v * a + b;
+                    }
+                }
+                if relu {
+                    row.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+            }
+        });
+    }
+    Tensor::from_vec(y, shape.to_vec(), x.device())
+}
+
+fn conv_raw(
+    q: &QTensor,
+    x: &[f32],
+    xs: &[usize],
+    spec: ConvSpec,
+) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
+    let (col, shape) = im2col_khwc(x, xs, &q.shape, spec)?;
+    let (p, k) = (shape[0] * shape[1] * shape[2], q.cols());
+    let a = quantize_rows(&col, p, k, q.act_scale);
+    Ok((gemm_f32(&a, q.packed(), &q.scale, None), shape))
+}
+
+/// Rows `ids` of an int8 embedding table `q` (`[rows, dim]`), dequantized: `[ids, dim]` for
+/// the flattened ids.
+pub fn embedding(ids: &Tensor, q: &QTensor) -> candle_core::Result<Tensor> {
+    let device = ids.device().clone();
+    let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    let dim = q.cols();
+    let mut out = vec![0f32; ids.len() * dim];
+    for (dst, &id) in out.chunks_exact_mut(dim.max(1)).zip(&ids) {
+        let id = id as usize;
+        if id >= q.rows() {
+            candle_core::bail!(
+                "embedding `{}`: token id {id} is outside the table of {} rows",
+                q.name,
+                q.rows()
+            );
+        }
+        let s = q.scale[id];
+        for (d, &v) in dst.iter_mut().zip(&q.q[id * dim..(id + 1) * dim]) {
+            *d = v as f32 * s;
+        }
+    }
+    Tensor::from_vec(out, (ids.len(), dim), &device)
+}
+
+/// The relative L2 error of layer `q`'s int8 output against its f32 output (weights `w`) on
+/// the recorded input `x` (`dims`).
+pub(super) fn output_error(
+    q: &QTensor,
+    w: &[f32],
+    x: &[f32],
+    dims: &[usize],
+    conv: Option<ConvSpec>,
+) -> crate::Result<f32> {
+    match q.kind {
+        LayerKind::Conv2d => {
+            let spec = conv.unwrap_or_default();
+            let (want, _) = conv2d_forward(x, dims, w, &q.shape, spec)?;
+            let (got, _) = conv_raw(q, x, dims, spec)?;
+            Ok(rel_error(&want, &got))
+        }
+        _ => {
+            let (m, k) = (dims[0], dims[1]);
+            let n = q.rows();
+            let mut want = vec![0f32; m * n];
+            crate::model::kernels::gemm_tiled(m, n, k, &mut want, n, false, x, k, 1, w, 1, k);
+            let a = quantize_rows(x, m, k, q.act_scale);
+            let got = gemm_f32(&a, q.packed(), &q.scale, None);
+            Ok(rel_error(&want, &got))
+        }
+    }
+}

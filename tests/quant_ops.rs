@@ -1,0 +1,205 @@
+//! The int8 kernels: the GEMM against a scalar reference (exact, on odd shapes, every
+//! instruction set this CPU runs, any thread count), and the int8 layers against f32.
+
+use candle_core::{Device, Tensor};
+use wick::model::conv::{conv2d_forward, ConvSpec};
+use wick::quant::gemm::{self, Isa};
+use wick::quant::{rel_error, LayerKind, QTensor};
+use wick::rng::Rng;
+
+fn i8s(r: &mut Rng, n: usize) -> Vec<i8> {
+    // The full i8 range, -128 included, though quantization only produces [-127, 127].
+    (0..n).map(|_| (r.below(256) as i32 - 128) as i8).collect()
+}
+
+fn f32s(r: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+#[test]
+fn int8_gemm_matches_the_scalar_reference_exactly_on_odd_shapes() {
+    let mut r = Rng::new(11);
+    let mut shapes = vec![
+        (1, 1, 1),
+        (1, 16, 2),
+        (6, 16, 32),
+        (7, 17, 33),
+        (5, 3, 1),
+        (13, 47, 129),
+        (64, 384, 384),
+        (97, 100, 31),
+        (2, 1536, 384),
+        (300, 40, 9),
+    ];
+    for _ in 0..20 {
+        shapes.push((
+            1 + r.below(70) as usize,
+            1 + r.below(90) as usize,
+            1 + r.below(300) as usize,
+        ));
+    }
+    for (m, n, k) in shapes {
+        let a = i8s(&mut r, m * k);
+        let b = i8s(&mut r, n * k);
+        let want = gemm::reference(&a, &b, m, n, k);
+        let packed = gemm::pack(&b, n, k);
+        for isa in Isa::available() {
+            let got = gemm::gemm_i32_with(&a, m, &packed, isa);
+            assert_eq!(
+                got, want,
+                "{isa:?} differs from the reference at m={m} n={n} k={k}"
+            );
+        }
+    }
+    // Extremes: every product at its largest magnitude, over a long k.
+    let (m, n, k) = (7, 19, 4099);
+    let a = vec![-128i8; m * k];
+    let b = vec![-128i8; n * k];
+    let got = gemm::gemm_i32_with(&a, m, &gemm::pack(&b, n, k), Isa::detect());
+    assert!(got.iter().all(|&v| v == 128 * 128 * k as i32));
+}
+
+#[test]
+fn int8_gemm_is_the_same_for_any_thread_count() {
+    let mut r = Rng::new(5);
+    let (m, n, k) = (211, 130, 77);
+    let a = i8s(&mut r, m * k);
+    let b = gemm::pack(&i8s(&mut r, n * k), n, k);
+    let run = |t: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+            .install(|| gemm::gemm_i32(&a, m, &b))
+    };
+    let one = run(1);
+    assert_eq!(run(2), one);
+    assert_eq!(run(3), one);
+}
+
+#[test]
+fn quantized_rows_round_to_nearest_and_keep_the_scale() {
+    let x = vec![0.5f32, -1.0, 0.25, 0.0, 0.0, 0.0, 3.0, 1.5, -0.01];
+    let q = gemm::quantize_rows(&x, 3, 3, None);
+    assert_eq!(q.scale, vec![1.0 / 127.0, 0.0, 3.0 / 127.0]);
+    // Rows are padded to an even width (4).
+    assert_eq!(&q.q[0..4], &[64, -127, 32, 0]);
+    assert_eq!(&q.q[4..8], &[0, 0, 0, 0]);
+    assert_eq!(&q.q[8..12], &[127, 64, 0, 0]);
+    // Static mode clips to the calibrated range.
+    let s = gemm::quantize_rows(&[10.0, -0.5], 1, 2, Some(1.0 / 127.0));
+    assert_eq!(&s.q[..2], &[127, -64]);
+}
+
+#[test]
+fn int8_linear_stays_close_to_f32() {
+    let mut r = Rng::new(3);
+    let (m, n, k) = (50, 33, 70);
+    let x = f32s(&mut r, m * k);
+    let w = f32s(&mut r, n * k);
+    let bias = f32s(&mut r, n);
+    let q = QTensor::quantize("w", LayerKind::Linear, &w, &[n, k]);
+    let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+    let bt = Tensor::from_vec(bias.clone(), n, &Device::Cpu).unwrap();
+    let got: Vec<f32> = wick::quant::linear(&xt, &q, Some(&bt))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut want = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            want[i * n + j] = bias[j] + (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum::<f32>();
+        }
+    }
+    let e = rel_error(&want, &got);
+    assert!(e < 0.02, "int8 linear error {e}");
+    assert!(e > 0.0, "int8 linear is suspiciously exact");
+    // The dequantized weights are within half a step of the originals.
+    let dq = q.dequantize();
+    for (row, (a, b)) in w.chunks(k).zip(dq.chunks(k)).enumerate() {
+        let step = q.scale[row];
+        assert!(a
+            .iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 0.5 * step + 1e-7));
+    }
+}
+
+#[test]
+fn int8_conv_matches_f32_conv_on_odd_shapes() {
+    let mut r = Rng::new(9);
+    for (n, h, w, c, o, kk, stride, pad) in [
+        (2, 9, 7, 3, 5, 3, 1, 1),
+        (1, 13, 6, 4, 8, 5, 3, 2),
+        (3, 8, 8, 16, 17, 1, 1, 0),
+        (2, 11, 11, 6, 4, 1, 2, 0),
+        (1, 28, 28, 1, 8, 7, 2, 3),
+    ] {
+        let spec = ConvSpec {
+            stride,
+            padding: pad,
+            ..Default::default()
+        };
+        let x = f32s(&mut r, n * h * w * c);
+        let wt = f32s(&mut r, o * c * kk * kk);
+        let ws = [o, c, kk, kk];
+        let (want, shape) = conv2d_forward(&x, &[n, h, w, c], &wt, &ws, spec).unwrap();
+        let q = QTensor::quantize("conv", LayerKind::Conv2d, &wt, &ws);
+        let xt = Tensor::from_vec(x, (n, h, w, c), &Device::Cpu).unwrap();
+        let got = wick::quant::conv2d(&xt, &q, spec, None, false).unwrap();
+        assert_eq!(got.dims(), &shape);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let e = rel_error(&want, &got);
+        assert!(
+            e < 0.02,
+            "int8 conv error {e} for {:?}",
+            (n, h, w, c, o, kk, stride, pad)
+        );
+    }
+}
+
+#[test]
+fn stacked_int8_weights_equal_their_parts() {
+    let mut r = Rng::new(1);
+    let parts: Vec<QTensor> = (0..3)
+        .map(|i| {
+            QTensor::quantize(
+                &format!("p{i}"),
+                LayerKind::Linear,
+                &f32s(&mut r, 4 * 6),
+                &[4, 6],
+            )
+        })
+        .collect();
+    let s = QTensor::stack("qkv", &[&parts[0], &parts[1], &parts[2]]);
+    assert_eq!(s.shape, vec![12, 6]);
+    let whole = s.dequantize();
+    let each: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
+    assert_eq!(whole, each);
+}
+
+#[test]
+fn skip_patterns_match_names_prefixes_and_wildcards() {
+    use wick::quant::skip_matches;
+    assert!(skip_matches("classifier.weight", "classifier.weight"));
+    assert!(skip_matches("classifier", "classifier.weight"));
+    assert!(skip_matches(
+        "encoder.layer.0.",
+        "encoder.layer.0.output.dense.weight"
+    ));
+    assert!(!skip_matches(
+        "encoder.layer.1",
+        "encoder.layer.10.output.dense.weight"
+    ));
+    assert!(skip_matches(
+        "*.output.dense.*",
+        "encoder.layer.3.output.dense.weight"
+    ));
+    assert!(skip_matches(
+        "*embeddings*",
+        "embeddings.word_embeddings.weight"
+    ));
+    assert!(!skip_matches("*.pooler.*", "classifier.weight"));
+}
