@@ -1,6 +1,6 @@
 """MiniLM (all-MiniLM-L6-v2) forward speed, side by side on this machine: PyTorch + transformers
-(f32, and with --int8 also torch.ao.quantization.quantize_dynamic qint8) against wick
-(examples/bert_infer.rs, run as a subprocess unless --no-wick), at batch 1 x 128 tokens
+(f32, and torch.ao.quantization.quantize_dynamic qint8 unless --no-int8) against wick f32 and
+int8 (examples/bert_infer.rs, run as a subprocess unless --no-wick), at batch 1 x 128 tokens
 (latency) and batch 32 x 128 tokens (throughput). Both read the same token ids: real text,
 truncated to exactly 128 tokens. Threads: 2 (--threads).
 
@@ -66,6 +66,26 @@ class TorchSide:
         return out
 
 
+def torch_int8_cosine(sides):
+    """Mean cosine between PyTorch's f32 and quantize_dynamic sentence embeddings (mean pooling,
+    as sentence-transformers) over the 50 sentences wick's int8 test uses."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    with open(os.path.join(ROOT, "tests/fixtures/sentences.txt")) as f:
+        texts = [l.strip() for l in f if l.strip()]
+    enc = tok(texts, truncation=True, max_length=128, padding="longest", return_tensors="pt")
+    embs = []
+    for side in (sides["PyTorch f32"], sides["PyTorch int8 (dynamic)"]):
+        with torch.inference_mode():
+            h = side.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        e = (h * m).sum(1) / m.sum(1)
+        embs.append(torch.nn.functional.normalize(e, dim=-1))
+    return float((embs[0] * embs[1]).sum(-1).mean())
+
+
 def wick_side(args):
     cmd = ["cargo", "run", "--release", "--quiet", "--example", "bert_infer", "--",
            "--threads", str(args.threads), "--tokens", str(args.tokens), "--iters", str(args.iters)]
@@ -83,12 +103,15 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="alternating wick/PyTorch rounds")
-    ap.add_argument("--int8", action="store_true", help="also PyTorch quantize_dynamic(qint8)")
+    ap.add_argument("--no-int8", action="store_true", help="skip PyTorch quantize_dynamic(qint8)")
+    ap.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-wick", action="store_true")
     args = ap.parse_args()
     sides = {"PyTorch f32": TorchSide(args, False)}
-    if args.int8:
+    if not args.no_int8:
         sides["PyTorch int8 (dynamic)"] = TorchSide(args, True)
+        print(f"PyTorch int8 against f32 sentence embeddings (tests/fixtures/sentences.txt): "
+              f"mean cosine {torch_int8_cosine(sides):.4f}")
     rounds = {}
     for _ in range(args.rounds):
         if not args.no_wick:
@@ -102,10 +125,17 @@ def main():
           f"median of {args.rounds} alternating rounds")
     for name, r in rows:
         report(name, r)
-    base = dict(rows)["PyTorch f32"]
+    byname = dict(rows)
+    base = byname["PyTorch f32"]
     for name, r in rows:
         if name.startswith("wick"):
             print(f"{name} vs PyTorch f32: latency {base[1] / r[1]:.2f}x, throughput {base[32] / r[32]:.2f}x")
+    pairs = [("wick int8", "PyTorch int8 (dynamic)"), ("wick int8", "wick f32"),
+             ("PyTorch int8 (dynamic)", "PyTorch f32")]
+    for a, b in pairs:
+        if a in byname and b in byname:
+            x, y = byname[a], byname[b]
+            print(f"{a} vs {b}: latency {y[1] / x[1]:.2f}x, throughput {y[32] / x[32]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -482,11 +482,24 @@ impl Bert {
             let a = self.dense(&format!("{p}.attention.output.dense"), &a, g)?;
             let a = ctx.dropout(&a, p_hidden)?;
             x = self.norm(&format!("{p}.attention.output.LayerNorm"), &(a + &x)?, g)?;
-            let i = self.dense(&format!("{p}.intermediate.dense"), &x, g)?;
-            let i = match c.hidden_act.as_str() {
-                "gelu" => super::act::gelu(&i)?,
-                "relu" => super::act::relu(&i)?,
-                _ => i.gelu()?,
+            let inter = format!("{p}.intermediate.dense");
+            let i = match (
+                self.store.quantized(&format!("{inter}.weight")),
+                c.hidden_act.as_str(),
+            ) {
+                // int8: GELU in the GEMM's epilogue.
+                (Some(q), "gelu") => {
+                    let b = self.t(&format!("{inter}.bias"), g)?;
+                    crate::quant::linear_act(&x, &q, Some(&b), crate::quant::Act::Gelu)?
+                }
+                _ => {
+                    let i = self.dense(&inter, &x, g)?;
+                    match c.hidden_act.as_str() {
+                        "gelu" => super::act::gelu(&i)?,
+                        "relu" => super::act::relu(&i)?,
+                        _ => i.gelu()?,
+                    }
+                }
             };
             let o = self.dense(&format!("{p}.output.dense"), &i, g)?;
             let o = ctx.dropout(&o, p_hidden)?;

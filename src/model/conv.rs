@@ -168,15 +168,29 @@ fn with_cols<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// The im2col matrix `[P, K]` of group `gi`, columns in the order [`Geom::channel_inner`]
 /// picks.
 fn im2col(x: &[f32], g: &Geom, gi: usize, col: &mut [f32]) {
+    im2col_strided(x, g, gi, col, g.k());
+}
+
+/// [`im2col`] of any element type, with rows `stride ≥ K` apart (the gap zero-filled).
+fn im2col_strided<T: Copy + Default + Send + Sync>(
+    x: &[T],
+    g: &Geom,
+    gi: usize,
+    col: &mut [T],
+    stride: usize,
+) {
     let (k, cg, kk) = (g.k(), g.cin_g(), g.kh * g.kw);
     let c0 = gi * cg;
     let inner = g.channel_inner();
-    col.par_chunks_mut(g.wo * k)
+    let zero = T::default();
+    col.par_chunks_mut(g.wo * stride)
         .enumerate()
         .for_each(|(row, out)| {
             let (n, oh) = (row / g.ho, row % g.ho);
             for ow in 0..g.wo {
-                let dst = &mut out[ow * k..(ow + 1) * k];
+                let dst = &mut out[ow * stride..(ow + 1) * stride];
+                dst[k..].fill(zero);
+                let dst = &mut dst[..k];
                 for ki in 0..g.kh {
                     let ih = g.src(oh, ki, g.h);
                     for kj in 0..g.kw {
@@ -189,18 +203,45 @@ fn im2col(x: &[f32], g: &Geom, gi: usize, col: &mut [f32]) {
                         };
                         match (src, inner) {
                             (Some(src), true) => dst[at * cg..][..cg].copy_from_slice(src),
-                            (None, true) => dst[at * cg..][..cg].fill(0.0),
+                            (None, true) => dst[at * cg..][..cg].fill(zero),
                             (Some(src), false) => {
                                 for (c, &v) in src.iter().enumerate() {
                                     dst[c * kk + at] = v;
                                 }
                             }
-                            (None, false) => (0..cg).for_each(|c| dst[c * kk + at] = 0.0),
+                            (None, false) => (0..cg).for_each(|c| dst[c * kk + at] = zero),
                         }
                     }
                 }
             }
         });
+}
+
+/// The im2col matrix of int8 activations (as i16) for an ungrouped convolution: columns
+/// `(ki, kj, channel)`, rows padded to an even width (the int8 GEMM's pair layout). Returns
+/// the matrix, the NHWC output shape and the padded row width.
+pub fn im2col_i16(
+    x: &[i16],
+    xs: &[usize],
+    ws: &[usize],
+    s: ConvSpec,
+) -> candle_core::Result<(Vec<i16>, [usize; 4], usize)> {
+    let mut g = Geom::new(xs, ws, s)?;
+    if g.groups() != 1 {
+        candle_core::bail!(
+            "conv2d: int8 convolutions take groups = 1, not {}",
+            g.groups()
+        );
+    }
+    g.force_inner = true;
+    let shape = [g.n, g.ho, g.wo, g.cout];
+    let kp = g.k().next_multiple_of(2);
+    if g.pointwise() && kp == g.k() {
+        return Ok((x.to_vec(), shape, kp));
+    }
+    let mut col = vec![0i16; g.p() * kp];
+    im2col_strided(x, &g, 0, &mut col, kp);
+    Ok((col, shape, kp))
 }
 
 /// `[out, in, kh, kw]` → `[out, kh, kw, in]` (the `(ki, kj, channel)` column order), or back
@@ -275,32 +316,6 @@ fn col2im_add(dcol: &[f32], g: &Geom, gi: usize, dx: &mut [f32]) {
                 }
             }
         });
-}
-
-/// The im2col matrix `[P, K]` of an ungrouped convolution, columns ordered `(ki, kj,
-/// channel)` (the weight layout `[out, kh, kw, in]`), and the NHWC output shape. A pointwise
-/// convolution's matrix is `x` itself.
-pub fn im2col_khwc<'a>(
-    x: &'a [f32],
-    xs: &[usize],
-    ws: &[usize],
-    s: ConvSpec,
-) -> candle_core::Result<(std::borrow::Cow<'a, [f32]>, [usize; 4])> {
-    let mut g = Geom::new(xs, ws, s)?;
-    if g.groups() != 1 {
-        candle_core::bail!(
-            "conv2d: int8 convolutions take groups = 1, not {}",
-            g.groups()
-        );
-    }
-    g.force_inner = true;
-    let shape = [g.n, g.ho, g.wo, g.cout];
-    if g.pointwise() {
-        return Ok((std::borrow::Cow::Borrowed(x), shape));
-    }
-    let mut col = scratch(g.p() * g.k());
-    im2col(x, &g, 0, &mut col);
-    Ok((std::borrow::Cow::Owned(col), shape))
 }
 
 /// Forward convolution: `x` NHWC, weight `[out, in/groups, kh, kw]` → NHWC output.

@@ -89,6 +89,12 @@ dispatch!(gelu(x: &[f32], out: &mut [f32]) {
     }
 });
 
+dispatch!(gelu_in_place(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = 0.5 * *x * (1.0 + erf(*x * FRAC_1_SQRT_2));
+    }
+});
+
 dispatch!(gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     for ((g, &x), &d) in dx.iter_mut().zip(x).zip(dy) {
         let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));

@@ -257,8 +257,21 @@ pub fn gemm_i32_with(a: &[i8], m: usize, b: &Packed, isa: Isa) -> Vec<i32> {
     out
 }
 
+/// An element-wise function applied to the output in the GEMM's epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    /// The exact (erf) GELU.
+    Gelu,
+}
+
 /// `y[m, n] = (Aq·Bᵀ) · sa[i] · sw[j] + bias[j]`: the f32 result of a quantized linear layer.
 pub fn gemm_f32(a: &QRows, b: &Packed, sw: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    gemm_f32_act(a, b, sw, bias, Act::None)
+}
+
+/// [`gemm_f32`] followed by `act`, applied to each tile while it is in cache.
+pub fn gemm_f32_act(a: &QRows, b: &Packed, sw: &[f32], bias: Option<&[f32]>, act: Act) -> Vec<f32> {
     assert_eq!(
         a.k, b.k,
         "gemm: activations of width {} for weights of width {}",
@@ -296,6 +309,9 @@ pub fn gemm_f32(a: &QRows, b: &Packed, sw: &[f32], bias: Option<&[f32]>) -> Vec<
                     bias.map(|b| &b[j0..j0 + nn]),
                     dst,
                 );
+                if act == Act::Gelu {
+                    crate::model::vecmath::gelu_in_place(dst);
+                }
             }
         },
         &a.q,
@@ -386,7 +402,7 @@ where
                     *slot = (i0 + r.min(mm - 1)) * lda;
                 }
                 let mut acc = [[0i32; NR]; MR];
-                kernel(isa, a, &rows, panel, kp2, &mut acc);
+                kernel(isa, a, &rows, mm, panel, kp2, &mut acc);
                 emit(i0, mm, p, &acc);
                 i0 += mm;
             }
@@ -401,10 +417,12 @@ where
     }
 }
 
+/// The micro-kernel over the first `mm` of `rows`.
 fn kernel(
     isa: Isa,
     a: &[i16],
     rows: &[usize; MR],
+    mm: usize,
     panel: &[i16],
     kp2: usize,
     acc: &mut [[i32; NR]; MR],
@@ -416,8 +434,18 @@ fn kernel(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
+            let (a, b) = (a.as_ptr(), panel.as_ptr());
             // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2; bounds checked above.
-            unsafe { avx2::kernel(a.as_ptr(), rows, panel.as_ptr(), kp2, acc) }
+            unsafe {
+                match mm {
+                    1 => avx2::kernel::<1>(a, rows, b, kp2, acc),
+                    2 => avx2::kernel::<2>(a, rows, b, kp2, acc),
+                    3 => avx2::kernel::<3>(a, rows, b, kp2, acc),
+                    4 => avx2::kernel::<4>(a, rows, b, kp2, acc),
+                    5 => avx2::kernel::<5>(a, rows, b, kp2, acc),
+                    _ => avx2::kernel::<MR>(a, rows, b, kp2, acc),
+                }
+            }
         }
         _ => portable_kernel(a, rows, panel, kp2, acc),
     }
@@ -446,30 +474,35 @@ mod avx2 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// `acc[r][j] = Σ_k a[rows[r] + k] · B[j][k]` over `2·kp2` values of `k`.
+    /// `acc[r][j] = Σ_k a[rows[r] + k] · B[j][k]` over `2·kp2` values of `k`, for the first
+    /// `M` rows (a partial tile computes only the rows it has).
     #[target_feature(enable = "avx2")]
-    pub unsafe fn kernel(
+    pub unsafe fn kernel<const M: usize>(
         a: *const i16,
         rows: &[usize; MR],
         b: *const i16,
         kp2: usize,
         acc: &mut [[i32; NR]; MR],
     ) {
+        const NV: usize = NR / 8;
         let z = _mm256_setzero_si256();
-        let mut c = [[z; 2]; MR];
-        let ap: [*const i32; MR] = std::array::from_fn(|r| a.add(rows[r]) as *const i32);
+        let mut c = [[z; NV]; M];
+        let ap: [*const i32; M] = std::array::from_fn(|r| a.add(rows[r]) as *const i32);
         for t in 0..kp2 {
-            let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
-            let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
-            for r in 0..MR {
+            let bv: [__m256i; NV] = std::array::from_fn(|v| {
+                _mm256_loadu_si256(b.add(t * 2 * NR + 16 * v) as *const __m256i)
+            });
+            for r in 0..M {
                 let av = _mm256_set1_epi32(ap[r].add(t).read_unaligned());
-                c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(av, b0));
-                c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(av, b1));
+                for v in 0..NV {
+                    c[r][v] = _mm256_add_epi32(c[r][v], _mm256_madd_epi16(av, bv[v]));
+                }
             }
         }
-        for r in 0..MR {
-            _mm256_storeu_si256(acc[r].as_mut_ptr() as *mut __m256i, c[r][0]);
-            _mm256_storeu_si256(acc[r].as_mut_ptr().add(8) as *mut __m256i, c[r][1]);
+        for r in 0..M {
+            for v in 0..NV {
+                _mm256_storeu_si256(acc[r].as_mut_ptr().add(8 * v) as *mut __m256i, c[r][v]);
+            }
         }
     }
 }

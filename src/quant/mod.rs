@@ -20,7 +20,8 @@ pub mod gemm;
 mod ops;
 
 pub use file::{file_shapes, load, save, QuantMeta, MODEL_FILE, REPORT_FILE};
-pub use ops::{conv2d, embedding, linear, linear_or};
+pub use gemm::Act;
+pub use ops::{conv2d, embedding, linear, linear_act, linear_or};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};

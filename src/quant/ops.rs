@@ -5,9 +5,9 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{gemm_f32, quantize_rows};
+use super::gemm::{gemm_f32, gemm_f32_act, quantize_rows, Act, QRows};
 use super::{rel_error, LayerKind, QTensor};
-use crate::model::conv::{conv2d_forward, im2col_khwc, ConvSpec};
+use crate::model::conv::{conv2d_forward, im2col_i16, ConvSpec};
 use crate::model::kernels::with_f32;
 
 fn f32_vec(x: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -33,6 +33,16 @@ pub fn linear_or(
 
 /// `x·Wᵀ + b` over the last dimension of `x` with int8 weights `q` (`[out, in]`).
 pub fn linear(x: &Tensor, q: &QTensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    linear_act(x, q, bias, Act::None)
+}
+
+/// [`linear`] followed by an activation, fused into the GEMM's epilogue.
+pub fn linear_act(
+    x: &Tensor,
+    q: &QTensor,
+    bias: Option<&Tensor>,
+    act: Act,
+) -> candle_core::Result<Tensor> {
     let k = *x.dims().last().unwrap_or(&1);
     if q.kind != LayerKind::Linear || q.cols() != k {
         candle_core::bail!(
@@ -46,9 +56,13 @@ pub fn linear(x: &Tensor, q: &QTensor, bias: Option<&Tensor>) -> candle_core::Re
     if !x.device().is_cpu() {
         let w = Tensor::from_vec(q.dequantize(), (q.rows(), k), x.device())?;
         let y = x.broadcast_matmul(&w.t()?)?;
-        return match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let y = match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        return match act {
+            Act::Gelu => crate::model::act::gelu(&y),
+            Act::None => Ok(y),
         };
     }
     let x = x.contiguous()?;
@@ -56,14 +70,14 @@ pub fn linear(x: &Tensor, q: &QTensor, bias: Option<&Tensor>) -> candle_core::Re
     let b = bias.map(f32_vec).transpose()?;
     let y = with_f32(&x, |xs| {
         let a = quantize_rows(xs, m, k, q.act_scale);
-        gemm_f32(&a, q.packed(), &q.scale, b.as_deref())
+        gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act)
     });
     let y = match y {
         Some(y) => y,
         None => {
             let xs = f32_vec(&x)?;
             let a = quantize_rows(&xs, m, k, q.act_scale);
-            gemm_f32(&a, q.packed(), &q.scale, b.as_deref())
+            gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act)
         }
     };
     Tensor::from_vec(y, shape, x.device())
@@ -102,15 +116,41 @@ pub fn conv2d(
     Tensor::from_vec(y, shape.to_vec(), x.device())
 }
 
+/// The convolution's f32 output (before any affine map): each image's activations quantized
+/// by the image's own range (dynamic) or the calibrated one (static), im2col on the int8
+/// values, then the int8 GEMM.
 fn conv_raw(
     q: &QTensor,
     x: &[f32],
     xs: &[usize],
     spec: ConvSpec,
 ) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
-    let (col, shape) = im2col_khwc(x, xs, &q.shape, spec)?;
-    let (p, k) = (shape[0] * shape[1] * shape[2], q.cols());
-    let a = quantize_rows(&col, p, k, q.act_scale);
+    let &[n, h, w, c] = xs else {
+        candle_core::bail!("int8 conv2d `{}`: expected NHWC input, got {xs:?}", q.name)
+    };
+    let per = h * w * c;
+    // One range per image: an im2col row is a patch of one image, and quantizing the image
+    // once costs a ninth of quantizing the (3×3) im2col matrix.
+    let image = quantize_rows(x, n, per, q.act_scale);
+    let xq: Vec<i16> = if per % 2 == 0 {
+        image.q
+    } else {
+        image
+            .q
+            .chunks_exact(per + 1)
+            .flat_map(|r| r[..per].iter().copied())
+            .collect()
+    };
+    let (col, shape, _) = im2col_i16(&xq, xs, &q.shape, spec)?;
+    let rows = shape[1] * shape[2];
+    let a = QRows {
+        m: shape[0] * rows,
+        k: q.cols(),
+        q: col,
+        scale: (0..shape[0] * rows)
+            .map(|r| image.scale[r / rows])
+            .collect(),
+    };
     Ok((gemm_f32(&a, q.packed(), &q.scale, None), shape))
 }
 
