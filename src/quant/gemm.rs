@@ -499,9 +499,9 @@ mod avx2 {
                 }
             }
         }
-        for r in 0..M {
-            for v in 0..NV {
-                _mm256_storeu_si256(acc[r].as_mut_ptr().add(8 * v) as *mut __m256i, c[r][v]);
+        for (dst, c) in acc.iter_mut().zip(&c) {
+            for (v, cv) in c.iter().enumerate() {
+                _mm256_storeu_si256(dst.as_mut_ptr().add(8 * v) as *mut __m256i, *cv);
             }
         }
     }
