@@ -88,6 +88,21 @@ impl QRows {
     fn kp(&self) -> usize {
         self.k.next_multiple_of(2)
     }
+
+    /// Returns the buffer to this thread's pool for the next [`quantize_rows`].
+    pub fn recycle(self) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < 2 {
+                p.push(self.q);
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// Activation buffers kept between layers.
+    static POOL: std::cell::RefCell<Vec<Vec<i16>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Quantizes the rows of `x` (`[m, k]`): each row by its own max |x| / 127 (dynamic), or all
@@ -100,7 +115,11 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, fixed: Option<f32>) -> QRows
         x.len()
     );
     let kp = k.next_multiple_of(2);
-    let mut q: Vec<i16> = Vec::with_capacity(m * kp);
+    // A buffer from the pool (see `QRows::recycle`): a fresh multi-megabyte allocation costs a
+    // page fault per 4 KiB, more than quantizing into it.
+    let mut q: Vec<i16> = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+    q.clear();
+    q.reserve(m * kp);
     // SAFETY: i16 has no invalid bit patterns, and every row (padding included) is written
     // below before anything reads it.
     #[allow(clippy::uninit_vec)]
@@ -209,8 +228,10 @@ fn round_row(x: &[f32], inv: f32, dst: &mut [i16]) {
         // that vectorises (`f32::round_ties_even` becomes a libm call on baseline x86-64).
         const MAGIC: f32 = 12_582_912.0;
         for (d, &v) in dst.iter_mut().zip(x) {
-            let v = (v * inv).clamp(-127.0, 127.0);
-            *d = ((v + MAGIC) - MAGIC) as i16;
+            // `max`/`min` rather than `clamp`, so that NaN becomes -127 rather than NaN.
+            let v = (v * inv).max(-127.0).min(127.0);
+            // SAFETY: v is finite and within [-127, 127] (NaN was replaced above).
+            *d = unsafe { ((v + MAGIC) - MAGIC).to_int_unchecked::<i32>() } as i16;
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -488,7 +509,7 @@ mod avx2 {
         let z = _mm256_setzero_si256();
         let mut c = [[z; NV]; M];
         let ap: [*const i32; M] = std::array::from_fn(|r| a.add(rows[r]) as *const i32);
-        for t in 0..kp2 {
+        let step = |c: &mut [[__m256i; NV]; M], t: usize| {
             let bv: [__m256i; NV] = std::array::from_fn(|v| {
                 _mm256_loadu_si256(b.add(t * 2 * NR + 16 * v) as *const __m256i)
             });
@@ -498,6 +519,16 @@ mod avx2 {
                     c[r][v] = _mm256_add_epi32(c[r][v], _mm256_madd_epi16(av, bv[v]));
                 }
             }
+        };
+        // Two pairs of k per iteration: less loop overhead between the multiply-adds.
+        let mut t = 0;
+        while t + 1 < kp2 {
+            step(&mut c, t);
+            step(&mut c, t + 1);
+            t += 2;
+        }
+        if t < kp2 {
+            step(&mut c, t);
         }
         for (dst, c) in acc.iter_mut().zip(&c) {
             for (v, cv) in c.iter().enumerate() {

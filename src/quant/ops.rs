@@ -70,7 +70,9 @@ pub fn linear_act(
     let b = bias.map(f32_vec).transpose()?;
     let y = with_f32(&x, |xs| {
         let a = quantize_rows(xs, m, k, q.act_scale);
-        gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act)
+        let y = gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act);
+        a.recycle();
+        y
     });
     let y = match y {
         Some(y) => y,
