@@ -229,6 +229,7 @@ fn round_row(x: &[f32], inv: f32, dst: &mut [i16]) {
         const MAGIC: f32 = 12_582_912.0;
         for (d, &v) in dst.iter_mut().zip(x) {
             // `max`/`min` rather than `clamp`, so that NaN becomes -127 rather than NaN.
+            #[allow(clippy::manual_clamp)]
             let v = (v * inv).max(-127.0).min(127.0);
             // SAFETY: v is finite and within [-127, 127] (NaN was replaced above).
             *d = unsafe { ((v + MAGIC) - MAGIC).to_int_unchecked::<i32>() } as i16;
