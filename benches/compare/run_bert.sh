@@ -11,6 +11,6 @@ PYTHON=${PYTHON:-python3}
 scripts/fetch-minilm.sh
 echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
 echo "== wick (cargo bench --bench bert_infer)"
-cargo bench --bench bert_infer 2>/dev/null | grep -E '^minilm_forward|time:|thrpt:'
+cargo bench --bench bert_infer 2>/dev/null | grep -E '^minilm_|time:|thrpt:'
 echo "== wick and PyTorch, alternating rounds (benches/compare/bert_infer.py)"
 "$PYTHON" benches/compare/bert_infer.py --threads 2 --rounds 3 "$@"
