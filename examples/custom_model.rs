@@ -7,12 +7,17 @@
 //! initial weights come from the run seed, and (2) implement [`Model::forward`], using
 //! [`ModelCtx::dropout`] for dropout. Everything else — shuffling, AdamW, schedules, clipping,
 //! accumulation, evaluation, early stopping, atomic checkpoints, exact resume — is wick's.
+//!
+//! To be quantizable (`wick::quant::quantize`), it also lists its linear layers
+//! ([`Model::quant_layers`]) and runs each through [`wick::quant::linear_or`], which takes the
+//! int8 path once the layer's weights are int8.
 
 use std::path::Path;
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, Module};
 use wick::model::{Model, ModelCtx, ParamStore};
+use wick::quant::QuantLayer;
 use wick::train::{RunDir, Summary, Trainer};
 
 /// `x → linear → relu → (+ residual block) → dropout → linear`.
@@ -46,10 +51,29 @@ impl Model for ResidualNet {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &mut ModelCtx) -> Result<Tensor> {
-        let h = self.input.forward(xs)?.relu()?;
-        let h = (&h + self.block.forward(&h)?.relu()?)?;
+        let h = self.dense("input", &self.input, xs)?.relu()?;
+        let h = (&h + self.dense("block", &self.block, &h)?.relu()?)?;
         let h = ctx.dropout(&h, 0.1)?;
-        self.head.forward(&h)
+        self.dense("head", &self.head, &h)
+    }
+
+    fn quant_layers(&self) -> Vec<QuantLayer> {
+        ["input", "block", "head"]
+            .map(|l| QuantLayer::linear(format!("{l}.weight")))
+            .to_vec()
+    }
+}
+
+impl ResidualNet {
+    /// Linear layer `name`: int8 once quantized, else candle-nn's.
+    fn dense(&self, name: &str, layer: &Linear, x: &Tensor) -> Result<Tensor> {
+        wick::quant::linear_or(
+            &self.store,
+            &format!("{name}.weight"),
+            x,
+            layer.bias(),
+            || layer.forward(x),
+        )
     }
 }
 
