@@ -121,19 +121,11 @@ fn a_frozen_minilm_head_classifies_spam_from_cached_embeddings() {
     assert_eq!(diff, 0.0, "the frozen encoder changed");
 }
 
-#[test]
-fn fine_tuning_minilm_classifies_spam_and_predicts_texts() {
-    if minilm().is_none() || !spam() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let run = train("configs/spam_bert_ci.toml", &tmp.path().join("run"), &[]);
-    let f1 = final_metric(&run, "eval_f1");
-    eprintln!("fine-tuned MiniLM (CI size): eval_f1 {f1:.4}");
-    assert!(f1 >= 0.95, "macro-F1 {f1}");
+/// `wick predict RUN --json` on an obvious spam and an obvious ham text: (stdout, stderr).
+fn predict_spam_and_ham(run: &Path) -> (String, String) {
     let o = wick()
         .arg("predict")
-        .arg(&run)
+        .arg(run)
         .args([
             "--json",
             "--text",
@@ -144,7 +136,25 @@ fn fine_tuning_minilm_classifies_spam_and_predicts_texts() {
         .output()
         .unwrap();
     let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
+    assert!(
+        o.status.success(),
+        "wick predict {} failed: {err}",
+        run.display()
+    );
+    (out, err)
+}
+
+#[test]
+fn fine_tuning_minilm_classifies_spam_and_predicts_texts() {
+    if minilm().is_none() || !spam() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let run = train("configs/spam_bert_ci.toml", &tmp.path().join("run"), &[]);
+    let f1 = final_metric(&run, "eval_f1");
+    eprintln!("fine-tuned MiniLM (CI size): eval_f1 {f1:.4}");
+    assert!(f1 >= 0.95, "macro-F1 {f1}");
+    let (out, err) = predict_spam_and_ham(&run);
     let labels: Vec<String> = out
         .lines()
         .map(|l| {
@@ -179,20 +189,7 @@ fn fine_tuning_minilm_classifies_spam_and_predicts_texts() {
     );
     assert!((f1("f32") - f1("int8")).abs() <= 0.005, "{r}");
     assert!(size("int8") <= 0.30 * size("f32"), "{r}");
-    let o = wick()
-        .arg("predict")
-        .arg(run.join("int8"))
-        .args([
-            "--json",
-            "--text",
-            "Congratulations! You have WON a FREE vacation. Click here to claim your cash prize now!!!",
-            "--text",
-            "Hi all, the build of the kernel module fails on Debian testing; patch attached. Thanks, Bob",
-        ])
-        .output()
-        .unwrap();
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
+    let (out, _) = predict_spam_and_ham(&run.join("int8"));
     assert!(
         out.contains("\"label\":\"spam\"") && out.contains("\"label\":\"ham\""),
         "{out}"

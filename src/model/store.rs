@@ -157,6 +157,10 @@ impl ParamStore {
             let t = Tensor::from_vec(q.dequantize(), var.shape(), var.device())?;
             var.set(&t)?;
         }
+        if q.kind != crate::quant::LayerKind::Embedding {
+            // Pack now, so that the first forward pass costs what the others do.
+            q.packed();
+        }
         self.inner
             .quant
             .write()

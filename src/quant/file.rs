@@ -208,7 +208,7 @@ pub fn load(model: &dyn Model, path: &Path) -> Result<QuantMeta> {
             problems.push(format!("missing `{}`", p.name));
             continue;
         };
-        if shape.iter().product::<usize>() != want.iter().product::<usize>() {
+        if shape != &want {
             problems.push(format!(
                 "`{}` has shape {shape:?}, the model {want:?}",
                 p.name
