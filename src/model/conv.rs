@@ -605,18 +605,24 @@ impl CustomOp2 for Conv2dAffine {
                 self.scale.len()
             );
         }
-        out.par_chunks_mut(c * 64).for_each(|rows| {
-            for row in rows.chunks_exact_mut(c) {
-                for ((v, &a), &b) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
-                    *v = *v * a + b;
-                }
-                if self.relu {
-                    row.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-            }
-        });
+        affine_in_place(&mut out, c, &self.scale, &self.shift, self.relu);
         Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
     }
+}
+
+/// `y = max(y·scale + shift, 0)` per channel of NHWC rows of `c` values (the ReLU only with
+/// `relu`): an evaluation-mode BatchNorm (and ReLU) on a convolution's output.
+pub fn affine_in_place(y: &mut [f32], c: usize, scale: &[f32], shift: &[f32], relu: bool) {
+    y.par_chunks_mut(c * 64).for_each(|rows| {
+        for row in rows.chunks_exact_mut(c) {
+            for ((v, &a), &b) in row.iter_mut().zip(scale).zip(shift) {
+                *v = *v * a + b;
+            }
+            if relu {
+                row.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+    });
 }
 
 /// `max(conv2d(x, w)·scale + shift, 0)` (the ReLU only with `relu`) per output channel, with no

@@ -57,6 +57,14 @@ impl Freeze {
     }
 }
 
+/// The stem convolution: 7×7, stride 2, padding 3.
+const STEM: ConvSpec = ConvSpec {
+    stride: 2,
+    padding: 3,
+    dilation: 1,
+    groups: 1,
+};
+
 /// A convolution followed by batch norm, by parameter prefix.
 #[derive(Debug, Clone)]
 struct ConvBn {
@@ -297,11 +305,7 @@ impl ResNet {
         let stem = ConvBn {
             conv: "conv1".into(),
             bn: "bn1".into(),
-            spec: ConvSpec {
-                stride: 2,
-                padding: 3,
-                ..Default::default()
-            },
+            spec: STEM,
         };
         let mut x = self.conv_bn(&x, &stem, train, true)?;
         x = max_pool2d(
@@ -380,12 +384,7 @@ impl Model for ResNet {
 
     fn quant_layers(&self) -> Vec<crate::quant::QuantLayer> {
         use crate::quant::QuantLayer;
-        let stem = ConvSpec {
-            stride: 2,
-            padding: 3,
-            ..Default::default()
-        };
-        let mut v = vec![QuantLayer::conv2d("conv1.weight", stem)];
+        let mut v = vec![QuantLayer::conv2d("conv1.weight", STEM)];
         for b in &self.blocks {
             for l in b.layers.iter().chain(&b.downsample) {
                 v.push(QuantLayer::conv2d(format!("{}.weight", l.conv), l.spec));

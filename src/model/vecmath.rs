@@ -8,14 +8,14 @@
 
 /// Runs `$body` (a loop over slices) compiled for AVX2 + FMA when the CPU has them.
 macro_rules! dispatch {
-    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
-        pub fn $name($($arg: $ty),*) {
+    ($vis:vis $name:ident ( $($arg:ident : $ty:ty),* ) $(-> $ret:ty)? $body:block) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $body
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) {
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -27,6 +27,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// `e^x` for one value, branch-free so that loops over it vectorise.
 #[inline(always)]
@@ -77,25 +78,25 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1 / sqrt(2π)`.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-dispatch!(exp_in_place(xs: &mut [f32]) {
+dispatch!(pub exp_in_place(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         *x = exp(*x);
     }
 });
 
-dispatch!(gelu(x: &[f32], out: &mut [f32]) {
+dispatch!(pub gelu(x: &[f32], out: &mut [f32]) {
     for (o, &x) in out.iter_mut().zip(x) {
         *o = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
     }
 });
 
-dispatch!(gelu_in_place(xs: &mut [f32]) {
+dispatch!(pub gelu_in_place(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         *x = 0.5 * *x * (1.0 + erf(*x * FRAC_1_SQRT_2));
     }
 });
 
-dispatch!(gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+dispatch!(pub gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     for ((g, &x), &d) in dx.iter_mut().zip(x).zip(dy) {
         let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
         let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
@@ -107,7 +108,7 @@ dispatch!(gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// their order stays fixed.
 const LANES: usize = 8;
 
-dispatch!(softmax_masked(row: &mut [f32], keep: &[f32], scale: f32) {
+dispatch!(pub softmax_masked(row: &mut [f32], keep: &[f32], scale: f32) {
     // Scores scaled, padding (keep = 0) pushed to -1e30 so that it never wins the max.
     for (s, &k) in row.iter_mut().zip(keep) {
         *s = if k > 0.0 { *s * scale } else { -1e30 };

@@ -33,14 +33,14 @@ pub struct QuantMeta {
     pub layers: usize,
 }
 
-fn checksum(named: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) -> String {
+fn checksum<D: AsRef<[u8]>>(named: &[(String, safetensors::Dtype, Vec<usize>, D)]) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (name, _, shape, data) in named {
         h.update(name.as_bytes());
         for d in shape {
             h.update(&(*d as u64).to_le_bytes());
         }
-        h.update(data);
+        h.update(data.as_ref());
     }
     format!("{:016x}", h.digest())
 }
@@ -170,12 +170,7 @@ pub fn load(model: &dyn Model, path: &Path) -> Result<QuantMeta> {
     }
     let mut named = Vec::new();
     for (name, view) in st.tensors() {
-        named.push((
-            name,
-            view.dtype(),
-            view.shape().to_vec(),
-            view.data().to_vec(),
-        ));
+        named.push((name, view.dtype(), view.shape().to_vec(), view.data()));
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     if md.get("wick.xxh3") != Some(&checksum(&named)) {
@@ -183,7 +178,7 @@ pub fn load(model: &dyn Model, path: &Path) -> Result<QuantMeta> {
             "{shown}: checksum mismatch: the file was changed or damaged after it was written; {again}"
         )));
     }
-    let tensors: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = named
+    let tensors: BTreeMap<String, (safetensors::Dtype, Vec<usize>, &[u8])> = named
         .into_iter()
         .map(|(n, d, s, b)| (n, (d, s, b)))
         .collect();

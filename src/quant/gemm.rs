@@ -25,6 +25,8 @@
 
 use rayon::prelude::*;
 
+use crate::model::vecmath::dispatch;
+
 /// Rows of the micro-kernel.
 pub const MR: usize = 6;
 /// Columns (output channels) of the micro-kernel and of a packed panel.
@@ -151,103 +153,52 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, fixed: Option<f32>) -> QRows
     QRows { m, k, q, scale }
 }
 
-/// `max |x|`, vectorised.
-fn max_abs(x: &[f32]) -> f32 {
-    #[inline(always)]
-    fn imp(x: &[f32]) -> f32 {
-        let mut m = [0f32; 8];
-        let mut chunks = x.chunks_exact(8);
-        for c in &mut chunks {
-            for (a, &v) in m.iter_mut().zip(c) {
-                *a = a.max(v.abs());
-            }
-        }
-        let tail = chunks.remainder().iter().fold(0f32, |a, v| a.max(v.abs()));
-        m.iter().fold(tail, |a, &v| a.max(v))
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fast(x: &[f32]) -> f32 {
-            imp(x)
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features `fast` is compiled for.
-            return unsafe { fast(x) };
+// `max |x|`, vectorised.
+dispatch!(max_abs(x: &[f32]) -> f32 {
+    let mut m = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in m.iter_mut().zip(c) {
+            *a = a.max(v.abs());
         }
     }
-    imp(x)
-}
+    let tail = chunks.remainder().iter().fold(0f32, |a, v| a.max(v.abs()));
+    m.iter().fold(tail, |a, &v| a.max(v))
+});
 
-/// `dst[j] = acc[j] · sa · sw[j] (+ bias[j])`: the f32 epilogue of one row of a tile.
-fn epilogue(acc: &[i32; NR], sa: f32, sw: &[f32], bias: Option<&[f32]>, dst: &mut [f32]) {
-    #[inline(always)]
-    fn imp(acc: &[i32; NR], sa: f32, sw: &[f32], bias: Option<&[f32]>, dst: &mut [f32]) {
-        if let (NR, Some(b)) = (dst.len(), bias) {
-            let (sw, b): (&[f32; NR], &[f32; NR]) =
-                (sw.try_into().expect("NR"), b.try_into().expect("NR"));
-            let dst: &mut [f32; NR] = dst.try_into().expect("NR");
-            for j in 0..NR {
-                dst[j] = (acc[j] as f32 * sa).mul_add(sw[j], b[j]);
-            }
-            return;
+// `dst[j] = acc[j] · sa · sw[j] (+ bias[j])`: the f32 epilogue of one row of a tile.
+dispatch!(epilogue(acc: &[i32; NR], sa: f32, sw: &[f32], bias: Option<&[f32]>, dst: &mut [f32]) {
+    if let (NR, Some(b)) = (dst.len(), bias) {
+        let (sw, b): (&[f32; NR], &[f32; NR]) =
+            (sw.try_into().expect("NR"), b.try_into().expect("NR"));
+        let dst: &mut [f32; NR] = dst.try_into().expect("NR");
+        for j in 0..NR {
+            dst[j] = (acc[j] as f32 * sa).mul_add(sw[j], b[j]);
         }
-        for (j, d) in dst.iter_mut().enumerate() {
-            let v = acc[j] as f32 * sa;
-            *d = match bias {
-                Some(b) => v.mul_add(sw[j], b[j]),
-                None => v * sw[j],
-            };
-        }
+        return;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fast(
-            acc: &[i32; NR],
-            sa: f32,
-            sw: &[f32],
-            bias: Option<&[f32]>,
-            dst: &mut [f32],
-        ) {
-            imp(acc, sa, sw, bias, dst)
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features `fast` is compiled for.
-            return unsafe { fast(acc, sa, sw, bias, dst) };
-        }
+    for (j, d) in dst.iter_mut().enumerate() {
+        let v = acc[j] as f32 * sa;
+        *d = match bias {
+            Some(b) => v.mul_add(sw[j], b[j]),
+            None => v * sw[j],
+        };
     }
-    imp(acc, sa, sw, bias, dst)
-}
+});
 
-/// `dst = round(x · inv)` clamped to `[-127, 127]`, ties to even.
-fn round_row(x: &[f32], inv: f32, dst: &mut [i16]) {
-    #[inline(always)]
-    fn imp(x: &[f32], inv: f32, dst: &mut [i16]) {
-        // Adding and subtracting 1.5·2^23 rounds to nearest even for |v| < 2^22, in a form
-        // that vectorises (`f32::round_ties_even` becomes a libm call on baseline x86-64).
-        const MAGIC: f32 = 12_582_912.0;
-        for (d, &v) in dst.iter_mut().zip(x) {
-            // `max`/`min` rather than `clamp`, so that NaN becomes -127 rather than NaN.
-            #[allow(clippy::manual_clamp)]
-            let v = (v * inv).max(-127.0).min(127.0);
-            // SAFETY: v is finite and within [-127, 127] (NaN was replaced above).
-            *d = unsafe { ((v + MAGIC) - MAGIC).to_int_unchecked::<i32>() } as i16;
-        }
+// `dst = round(x · inv)` clamped to `[-127, 127]`, ties to even.
+dispatch!(round_row(x: &[f32], inv: f32, dst: &mut [i16]) {
+    // Adding and subtracting 1.5·2^23 rounds to nearest even for |v| < 2^22, in a form
+    // that vectorises (`f32::round_ties_even` becomes a libm call on baseline x86-64).
+    const MAGIC: f32 = 12_582_912.0;
+    for (d, &v) in dst.iter_mut().zip(x) {
+        // `max`/`min` rather than `clamp`, so that NaN becomes -127 rather than NaN.
+        #[allow(clippy::manual_clamp)]
+        let v = (v * inv).max(-127.0).min(127.0);
+        // SAFETY: v is finite and within [-127, 127] (NaN was replaced above).
+        *d = unsafe { ((v + MAGIC) - MAGIC).to_int_unchecked::<i32>() } as i16;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fast(x: &[f32], inv: f32, dst: &mut [i16]) {
-            imp(x, inv, dst)
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features `fast` is compiled for.
-            return unsafe { fast(x, inv, dst) };
-        }
-    }
-    imp(x, inv, dst)
-}
+});
 
 /// The i32 product `A·Bᵀ` (`[m, n]`) of int8 rows `a` (`[m, k]`) and packed weights.
 pub fn gemm_i32(a: &[i8], m: usize, b: &Packed) -> Vec<i32> {

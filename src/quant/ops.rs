@@ -3,11 +3,10 @@
 //! function from the dequantized weights.
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 use super::gemm::{gemm_f32, gemm_f32_act, quantize_rows, Act, QRows};
 use super::{rel_error, LayerKind, QTensor};
-use crate::model::conv::{conv2d_forward, im2col_i16, ConvSpec};
+use crate::model::conv::{affine_in_place, conv2d_forward, im2col_i16, ConvSpec};
 use crate::model::kernels::with_f32;
 
 fn f32_vec(x: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -68,21 +67,22 @@ pub fn linear_act(
     let x = x.contiguous()?;
     let m = x.elem_count() / k.max(1);
     let b = bias.map(f32_vec).transpose()?;
-    let y = with_f32(&x, |xs| {
+    let y = on_f32(&x, |xs| {
         let a = quantize_rows(xs, m, k, q.act_scale);
         let y = gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act);
         a.recycle();
         y
-    });
-    let y = match y {
-        Some(y) => y,
-        None => {
-            let xs = f32_vec(&x)?;
-            let a = quantize_rows(&xs, m, k, q.act_scale);
-            gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act)
-        }
-    };
+    })?;
     Tensor::from_vec(y, shape, x.device())
+}
+
+/// `f` on the values of `x` (contiguous): in place when they are f32 on the CPU, else on a
+/// converted copy.
+fn on_f32<R>(x: &Tensor, f: impl Fn(&[f32]) -> R) -> candle_core::Result<R> {
+    match with_f32(x, &f) {
+        Some(r) => Ok(r),
+        None => Ok(f(&f32_vec(x)?)),
+    }
 }
 
 /// Convolution of NHWC `x` with int8 weights `q` (`[out, in, kh, kw]`), then
@@ -98,22 +98,13 @@ pub fn conv2d(
     if q.kind != LayerKind::Conv2d {
         candle_core::bail!("int8 conv2d `{}`: not a convolution weight", q.name);
     }
-    let xv = f32_vec(x)?;
-    let (mut y, shape) = conv_raw(q, &xv, x.dims(), spec)?;
+    let x = x.contiguous()?;
+    let (mut y, shape) = on_f32(&x, |xv| conv_raw(q, xv, x.dims(), spec))??;
     let c = shape[3];
-    if affine.is_some() || relu {
-        y.par_chunks_mut(c * 64).for_each(|rows| {
-            for row in rows.chunks_exact_mut(c) {
-                if let Some((a, b)) = affine {
-                    for ((v, &a), &b) in row.iter_mut().zip(a).zip(b) {
-                        *v = *v * a + b;
-                    }
-                }
-                if relu {
-                    row.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-            }
-        });
+    match affine {
+        Some((scale, shift)) => affine_in_place(&mut y, c, scale, shift, relu),
+        None if relu => y.iter_mut().for_each(|v| *v = v.max(0.0)),
+        None => {}
     }
     Tensor::from_vec(y, shape.to_vec(), x.device())
 }
