@@ -22,6 +22,10 @@ pub enum Error {
     #[error("{0}")]
     Train(String),
 
+    /// A data-parallel collective failed: a rank died, hung or disagreed.
+    #[error("{0}")]
+    Dist(String),
+
     /// An I/O error on a named path.
     #[error("{path}: {source}")]
     Io {

@@ -10,6 +10,7 @@
 //! - [`data`]: datasets and the seeded batch loader;
 //! - [`model`]: the [`model::Model`] trait, seeded parameter initialisation and built-in models;
 //! - [`train`]: the trainer, optimizers, LR schedules, metrics, hooks and checkpoints;
+//! - [`dist`]: data-parallel training over MPI (CPU ranks) or NCCL (GPUs);
 //! - [`cli`]: the `wick` command line, a thin layer over the above.
 //!
 //! Train a custom candle model with the same trainer by implementing [`model::Model`]:
@@ -45,6 +46,7 @@ pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod io;
 pub mod model;

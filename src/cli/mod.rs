@@ -4,6 +4,7 @@
 mod data;
 mod embed;
 mod eval;
+mod launch;
 mod predict;
 mod quantize;
 mod runs;
@@ -28,6 +29,7 @@ Examples:
   wick eval checkpoints/runs/spam_bert/int8
   wick embed checkpoints/pretrained/all-MiniLM-L6-v2 --text \"The cat sits outside\"
   wick tune configs/tune_digits.toml
+  wick launch --nproc 2 -- train configs/digits_mlp.toml
   wick tune --status checkpoints/tune/digits_tune
   wick data pack idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out data/fashion/train
   wick data inspect data/fashion/train
@@ -59,6 +61,9 @@ pub enum Command {
     Embed(embed::EmbedArgs),
     /// Quantize a trained run to int8 and compare it with f32 (size, accuracy, speed).
     Quantize(quantize::QuantizeArgs),
+    /// Train on several processes or machines: runs `mpirun -np N wick …` (needs the `mpi`
+    /// feature and OpenMPI).
+    Launch(launch::LaunchArgs),
 }
 
 /// Parses `std::env::args` and runs the command.
@@ -73,6 +78,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Tune(a) => tune::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Launch(a) => launch::run(a),
     }
 }
 

@@ -1,11 +1,13 @@
 //! `wick train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::config;
+use crate::dist::{self, Communicator};
 use crate::train::callback::AbortAfter;
 use crate::train::progress::{MetricsLogger, Progress, Verbosity};
 use crate::train::{RunDir, Trainer};
@@ -64,8 +66,41 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             (config::load(path, &a.set)?, None, false)
         }
     };
-    set_threads(a.threads.unwrap_or(cfg.run.threads));
+    let comm = dist::init(&cfg.dist)?;
+    let threads = a.threads.unwrap_or(cfg.run.threads);
+    set_threads(match (threads, dist::launched_world()) {
+        // Ranks that share a machine share its cores.
+        (0, Some((_, w, local))) if w > 1 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / local).max(1)
+        }
+        (n, _) => n,
+    });
+    if comm.world() == 1 {
+        return train(a, cfg, run, resume, comm);
+    }
+    let rank = comm.rank();
+    let abort = comm.clone();
+    match train(a, cfg, run, resume, comm) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The other ranks would wait for this one until their timeout: end the job now.
+            eprintln!("error: rank {rank}: {e:#}");
+            abort.abort(2)
+        }
+    }
+}
+
+fn train(
+    a: TrainArgs,
+    cfg: config::Config,
+    run: Option<RunDir>,
+    resume: bool,
+    comm: Arc<dyn Communicator>,
+) -> anyhow::Result<()> {
+    let main = comm.is_main();
     let mut trainer = Trainer::from_config(&cfg)?;
+    trainer.set_communicator(comm.clone());
     let run = match run {
         Some(r) => {
             let saved = r.schema()?;
@@ -78,22 +113,44 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             }
             r
         }
-        None => RunDir::create(&cfg, &trainer.schema, a.run_dir.as_deref())?,
+        None if main => RunDir::create(&cfg, &trainer.schema, a.run_dir.as_deref())?,
+        None => RunDir::at(Path::new("")),
     };
-    let _lock = run.lock()?;
+    // Rank 0 chose the directory; the others learn its path.
+    let path = comm.broadcast_string(&run.path.display().to_string(), 0)?;
+    let run = if main {
+        run
+    } else {
+        RunDir::at(Path::new(&path))
+    };
+    let _lock = if main { Some(run.lock()?) } else { None };
     let verbosity = if a.quiet {
         Verbosity::Quiet
     } else {
         Verbosity::Normal
     };
-    trainer.add_callback(MetricsLogger::new(run.clone()));
-    trainer.add_callback(Progress::new(verbosity, cfg.train.log_every));
+    if main {
+        if comm.world() > 1 && !a.quiet {
+            eprintln!(
+                "data-parallel: {} ranks ({}), batch {} per rank = {} per step",
+                comm.world(),
+                comm.backend(),
+                cfg.train.batch_size,
+                cfg.train.batch_size * comm.world()
+            );
+        }
+        trainer.add_callback(MetricsLogger::new(run.clone()));
+        trainer.add_callback(Progress::new(verbosity, cfg.train.log_every));
+    }
     if let Some(n) = a.abort_after_steps {
         trainer.add_callback(AbortAfter(n));
     }
     let summary = trainer
         .fit(&run, resume)
         .with_context(|| format!("run {}", run.path.display()))?;
+    if !main {
+        return Ok(());
+    }
     if !a.quiet {
         let best = summary
             .best

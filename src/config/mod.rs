@@ -31,6 +31,8 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    #[serde(default)]
+    pub dist: DistConfig,
     /// `wick tune` only: the study. Trials run with this section removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tune: Option<TuneConfig>,
@@ -420,6 +422,48 @@ impl Default for EarlyStoppingConfig {
         Self {
             patience: 5,
             min_delta: 0.0,
+        }
+    }
+}
+
+/// Which engine carries data-parallel training (see [`crate::dist`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// MPI when the process was started by `mpirun` (or `wick launch`), else local.
+    Auto,
+    /// One process, no communication.
+    Local,
+    /// MPI (cargo feature `mpi`): CPU ranks on one or many machines.
+    Mpi,
+    /// NCCL (cargo feature `nccl`): one GPU per rank.
+    Nccl,
+}
+
+/// `[dist]`: data-parallel training. `train.batch_size` is per rank, so N ranks train on
+/// batches of N × `batch_size`, as PyTorch's DDP does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    pub backend: DistBackend,
+    /// Seconds a rank waits for the others at a collective before it stops with an error
+    /// naming the ranks that did not arrive.
+    pub timeout_s: f64,
+    /// Gradients are all-reduced in buckets of about this many megabytes (PyTorch: 25).
+    pub bucket_mb: f64,
+    /// NCCL outside `mpirun`: the file through which rank 0 hands the NCCL id to the other
+    /// ranks (started with `WICK_RANK` / `WICK_WORLD_SIZE`). Every rank must see it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendezvous: Option<PathBuf>,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            backend: DistBackend::Auto,
+            timeout_s: 300.0,
+            bucket_mb: 25.0,
+            rendezvous: None,
         }
     }
 }

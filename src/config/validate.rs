@@ -87,6 +87,21 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "\"cpu\" (this build has no GPU support)",
         );
     }
+    let d = &cfg.dist;
+    if !(d.timeout_s.is_finite() && d.timeout_s > 0.0) {
+        return bad(
+            "dist.timeout_s",
+            d.timeout_s.to_string(),
+            "a positive number of seconds, e.g. 300",
+        );
+    }
+    if !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0) {
+        return bad(
+            "dist.bucket_mb",
+            d.bucket_mb.to_string(),
+            "a positive size in megabytes, e.g. 25",
+        );
+    }
     if cfg.run.name.is_empty()
         || !cfg
             .run

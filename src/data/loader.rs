@@ -106,8 +106,13 @@ impl BatchPlan {
 
     /// A plan that visits rows in order (evaluation).
     pub fn sequential(n: usize, batch_size: usize) -> Self {
+        Self::sequential_range(0..n, batch_size)
+    }
+
+    /// A plan that visits rows `rows` in order (one rank's share of an evaluation).
+    pub fn sequential_range(rows: Range<usize>, batch_size: usize) -> Self {
         Self {
-            order: (0..n as u32).collect(),
+            order: (rows.start as u32..rows.end as u32).collect(),
             batch_size,
             drop_last: false,
             augment: None,

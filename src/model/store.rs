@@ -108,6 +108,19 @@ impl ParamStore {
         self.params().into_iter().filter(|p| p.trainable).collect()
     }
 
+    /// Buffers (e.g. BatchNorm running statistics), sorted by name.
+    pub fn buffers(&self) -> Vec<Param> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.buffer)
+            .map(|(name, e)| Param {
+                name: name.clone(),
+                var: e.var.clone(),
+                trainable: false,
+            })
+            .collect()
+    }
+
     /// The variable called `name`.
     pub fn get(&self, name: &str) -> Option<Var> {
         self.lock().get(name).map(|e| e.var.clone())

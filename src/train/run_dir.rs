@@ -117,6 +117,14 @@ impl RunDir {
         })
     }
 
+    /// A handle on `path` that checks nothing: what the other ranks of a data-parallel run
+    /// hold, since only rank 0 writes (and may be the only one to see) the directory.
+    pub fn at(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
     /// The run's resolved config, validated again (it may have been edited by hand).
     pub fn config(&self) -> Result<Config> {
         crate::config::load(&self.path.join(CONFIG_FILE), &[])

@@ -1,10 +1,12 @@
 //! The training loop.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Config, Task};
 use crate::data::loader::with_prefetch;
 use crate::data::{open_sources, BatchPlan, Dataset, Schema, Source};
+use crate::dist::{ddp, Communicator, GradReducer, Local};
 use crate::model::{self, Grads, Loss, Model, ModelCtx, Param};
 use crate::train::callback::{Callback, Control, EpochEnd, FitStart, StepEnd};
 use crate::train::checkpoint::{self, Best, TrainerState};
@@ -31,6 +33,8 @@ pub struct Trainer {
     pub eval: Box<dyn Source>,
     pub schema: Schema,
     callbacks: Vec<Box<dyn Callback>>,
+    /// The data-parallel world this trainer is one rank of ([`Local`] by default).
+    comm: Arc<dyn Communicator>,
 }
 
 /// How an epoch's step loop ended.
@@ -79,6 +83,8 @@ struct StepCtx<'a> {
     loss: Loss,
     /// Batches hold cached features (see [`Model::cached_features`]).
     cached: bool,
+    comm: &'a dyn Communicator,
+    reducer: &'a mut GradReducer,
 }
 
 impl StepCtx<'_> {
@@ -98,7 +104,10 @@ impl StepCtx<'_> {
             let batch = batch?;
             let group_start = (b / t.accumulate) * t.accumulate;
             let group_len = t.accumulate.min(nb - group_start);
-            let mut ctx = ModelCtx::train(seed, ((epoch as u64) << 32) | b as u64)
+            // Each rank draws its own dropout masks; rank 0 draws those of a single process.
+            let rank_seed =
+                seed.wrapping_add((self.comm.rank() as u64).wrapping_mul(RANK_SEED_STRIDE));
+            let mut ctx = ModelCtx::train(rank_seed, ((epoch as u64) << 32) | b as u64)
                 .with_cached_features(self.cached);
             let loss = self.model.loss_and_grad(
                 &batch,
@@ -118,11 +127,12 @@ impl StepCtx<'_> {
             }
             st.epoch_loss_sum += loss;
             st.epoch_batches += 1;
-            st.samples += batch.n as u64;
+            st.samples += (batch.n * self.comm.world()) as u64;
             step_loss += loss / group_len as f64;
             if b + 1 < group_start + group_len {
                 continue;
             }
+            self.reducer.all_reduce_mean(self.comm, self.grads)?;
             for cb in self.callbacks.iter_mut() {
                 cb.on_after_backward(self.grads)?;
             }
@@ -144,7 +154,7 @@ impl StepCtx<'_> {
                 samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
             };
             step_loss = 0.0;
-            let ctl = emit_step(self.callbacks, &info)?;
+            let ctl = agree(self.comm, emit_step(self.callbacks, &info)?)?;
             if ctl == Control::Abort {
                 return Err(Error::Train(format!(
                     "aborted after step {} as requested; `wick train --resume {}` continues",
@@ -152,7 +162,10 @@ impl StepCtx<'_> {
                     self.run.path.display()
                 )));
             }
-            if t.checkpoint_every > 0 && st.step.is_multiple_of(t.checkpoint_every as u64) {
+            if self.comm.is_main()
+                && t.checkpoint_every > 0
+                && st.step.is_multiple_of(t.checkpoint_every as u64)
+            {
                 checkpoint::save(
                     &self.run.checkpoint("last"),
                     &store,
@@ -194,7 +207,20 @@ impl Trainer {
             eval,
             schema,
             callbacks: Vec::new(),
+            comm: Arc::new(Local),
         }
+    }
+
+    /// Makes this trainer one rank of a data-parallel job: `train.batch_size` becomes the
+    /// per-rank batch, gradients are averaged across ranks after every backward, metrics are
+    /// reduced, and only rank 0 writes checkpoints and the summary.
+    pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) {
+        self.comm = comm;
+    }
+
+    /// The data-parallel world this trainer is part of.
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        &self.comm
     }
 
     /// Adds a hook; hooks run in the order they were added.
@@ -202,19 +228,26 @@ impl Trainer {
         self.callbacks.push(Box::new(cb));
     }
 
-    /// The batches of training epoch `epoch`.
+    /// This rank's batches of training epoch `epoch`: its share of each global batch of
+    /// `train.batch_size` × world rows.
     pub fn plan(&self, epoch: u64) -> BatchPlan {
         let (t, d, seed) = (&self.cfg.train, &self.cfg.data, self.cfg.run.seed);
-        match (d.shuffle, self.train.blocks()) {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let global = t.batch_size * world;
+        let plan = match (d.shuffle, self.train.blocks()) {
             (crate::config::Shuffle::Block, Some(blocks)) => BatchPlan::block_shuffled(
                 &blocks,
                 d.shuffle_window,
-                t.batch_size,
+                global,
                 t.drop_last,
                 seed,
                 epoch,
             ),
-            _ => BatchPlan::shuffled(self.train.len(), t.batch_size, t.drop_last, seed, epoch),
+            _ => BatchPlan::shuffled(self.train.len(), global, t.drop_last, seed, epoch),
+        };
+        match world {
+            1 => plan,
+            _ => plan.for_rank(rank, world),
         }
     }
 
@@ -237,7 +270,13 @@ impl Trainer {
 
     /// As [`Self::evaluate`]; with `cached`, `ds` holds the model's cached features.
     fn evaluate_on(&self, ds: &dyn Source, cached: bool) -> Result<Metrics> {
-        let out = predict_with(self.model.as_ref(), ds, cached)?;
+        let out = predict_sharded(
+            self.model.as_ref(),
+            ds,
+            cached,
+            self.schema.outputs(),
+            self.comm.as_ref(),
+        )?;
         if let Some(v) = out.iter().find(|v| !v.is_finite()) {
             return Err(Error::Train(format!(
                 "the model produced {v} on the evaluation data: training diverged or an input is extreme; lower optim.lr, set train.clip_norm or check the data"
@@ -258,6 +297,8 @@ impl Trainer {
         let seed = cfg.run.seed;
         let t = &cfg.train;
         let store = self.model.store().clone();
+        let comm = self.comm.clone();
+        let (world, main) = (comm.world(), comm.is_main());
         let params = store.trainable();
         if params.is_empty() {
             return Err(Error::Train("the model has no trainable parameters".into()));
@@ -266,10 +307,10 @@ impl Trainer {
         let mut opt = Optimizer::new(&cfg.optim, &params);
         let loss_kind = Loss::for_task(self.schema.task);
         let n = self.train.len();
-        let batches = BatchPlan::shuffled(n, t.batch_size, t.drop_last, seed, 0).len();
+        let batches = BatchPlan::shuffled(n, t.batch_size * world, t.drop_last, seed, 0).len();
         if batches == 0 {
             return Err(Error::Config(format!(
-                "train.batch_size = {} with drop_last leaves no batch of the {n} training rows; lower the batch size",
+                "train.batch_size = {} × {world} ranks with drop_last leaves no batch of the {n} training rows; lower the batch size",
                 t.batch_size
             )));
         }
@@ -286,9 +327,24 @@ impl Trainer {
             )));
         }
         let hash = cfg.hash();
-        let file_hash = run.config_file_hash()?;
+        // Rank 0's copy of config.toml is the one that counts (other machines may lack it).
+        let file_hash = match main {
+            true => comm.broadcast_string(&run.config_file_hash()?, 0)?,
+            false => comm.broadcast_string("", 0)?,
+        };
 
-        let has_checkpoint = checkpoint::locate(&run.checkpoint("last")).is_ok();
+        // Rank 0 decides; under DDP every rank then reads the same checkpoint, which needs the
+        // run directory on a filesystem they all see.
+        let mut has = [checkpoint::locate(&run.checkpoint("last")).is_ok() as u8];
+        comm.broadcast_bytes(&mut has, 0)?;
+        let has_checkpoint = has[0] == 1;
+        if resume && has_checkpoint && checkpoint::locate(&run.checkpoint("last")).is_err() {
+            return Err(Error::Checkpoint(format!(
+                "rank {} cannot read {}: resuming a data-parallel run needs its run directory on a filesystem every rank sees",
+                comm.rank(),
+                run.checkpoint("last").display()
+            )));
+        }
         let mut st = if resume && has_checkpoint {
             let st = checkpoint::load(&run.checkpoint("last"), &store, &params, &mut opt)?;
             if st.config_file != file_hash {
@@ -305,15 +361,20 @@ impl Trainer {
                     opt.steps()
                 )));
             }
-            run.truncate_metrics(st.epoch)?;
+            if main {
+                run.truncate_metrics(st.epoch)?;
+            }
             st
         } else {
             // A fresh run, or one that died before its first checkpoint: start at step 0.
-            if resume {
+            if resume && main {
                 run.truncate_metrics(0)?;
             }
             TrainerState::new(&hash, &file_hash, seed)
         };
+        // Equal replicas: rank 0's weights (and buffers) everywhere.
+        ddp::broadcast_params(comm.as_ref(), &store.params())?;
+        let mut reducer = GradReducer::new(cfg.dist.bucket_mb);
 
         let caching = self.model.cached_features().is_some()
             && t.cache_features
@@ -369,6 +430,8 @@ impl Trainer {
                 cfg: &cfg,
                 loss: loss_kind,
                 cached,
+                comm: comm.as_ref(),
+                reducer: &mut reducer,
             };
             let first = sc.st.batch;
             let ending = with_prefetch(
@@ -380,19 +443,22 @@ impl Trainer {
                 |batches| sc.run_epoch(epoch, nb, batches),
             )?;
             if let EpochEnding::Stopped = ending {
-                checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+                if main {
+                    checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+                }
                 break;
             }
+            // Buffers that training updates (BatchNorm running statistics) follow rank 0.
+            ddp::broadcast_params(comm.as_ref(), &store.buffers())?;
+            let mut loss = [st.epoch_loss_sum, st.epoch_batches as f64];
+            ddp::sum_f64(comm.as_ref(), &mut loss)?;
 
             // End of epoch: evaluate, track the best, early stopping, checkpoint.
             let mut m = Metrics::new();
             m.insert("epoch".into(), (epoch + 1) as f64);
             m.insert("step".into(), st.step as f64);
             m.insert("lr".into(), sched.lr(st.step.saturating_sub(1)));
-            m.insert(
-                "train_loss".into(),
-                st.epoch_loss_sum / st.epoch_batches.max(1) as f64,
-            );
+            m.insert("train_loss".into(), loss[0] / loss[1].max(1.0));
             let evaluated = (epoch + 1) % t.eval_every == 0 || epoch + 1 == t.epochs;
             if evaluated {
                 for (k, v) in self.evaluate_on(eval_src, cached)? {
@@ -440,17 +506,19 @@ impl Trainer {
                 evaluated,
                 is_best,
             };
-            let ctl = emit_epoch(&mut self.callbacks, &e)?;
+            let ctl = agree(comm.as_ref(), emit_epoch(&mut self.callbacks, &e)?)?;
             if ctl == Control::Abort {
                 return Err(Error::Train(format!(
                     "aborted after epoch {} as requested",
                     epoch + 1
                 )));
             }
-            if is_best {
-                checkpoint::save(&run.checkpoint("best"), &store, &params, &opt, &st)?;
+            if main {
+                if is_best {
+                    checkpoint::save(&run.checkpoint("best"), &store, &params, &opt, &st)?;
+                }
+                checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
             }
-            checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
             if evaluated {
                 last_metrics = m;
             }
@@ -459,7 +527,7 @@ impl Trainer {
             }
         }
 
-        if last_metrics.is_empty() {
+        if last_metrics.is_empty() && main {
             if let Some(row) = run
                 .metrics()?
                 .into_iter()
@@ -469,8 +537,10 @@ impl Trainer {
                 last_metrics = row;
             }
         }
-        let rows = run.metrics()?;
-        plot::draw(&run.path.join(CURVES_PNG), &rows, &cfg.run.name)?;
+        if main {
+            let rows = run.metrics()?;
+            plot::draw(&run.path.join(CURVES_PNG), &rows, &cfg.run.name)?;
+        }
         let summary = Summary {
             name: cfg.run.name.clone(),
             wick_version: crate::VERSION.into(),
@@ -487,7 +557,11 @@ impl Trainer {
             train_time_s: st.train_time_s,
             train_samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
         };
-        run.write_summary(&summary)?;
+        if main {
+            run.write_summary(&summary)?;
+        }
+        // No rank returns before the summary is written.
+        comm.barrier()?;
         for cb in self.callbacks.iter_mut() {
             cb.on_fit_end(&summary)?;
         }
@@ -502,13 +576,52 @@ pub fn predict(model: &dyn Model, ds: &dyn Source) -> Result<Vec<f32>> {
 
 /// As [`predict`]; with `cached`, `ds` holds the model's cached features.
 fn predict_with(model: &dyn Model, ds: &dyn Source, cached: bool) -> Result<Vec<f32>> {
+    predict_rows(model, ds, cached, 0..ds.len())
+}
+
+/// As [`predict_with`] for a model of `width` outputs, each rank of `comm` computing its
+/// share of the rows; every rank returns all of them.
+fn predict_sharded(
+    model: &dyn Model,
+    ds: &dyn Source,
+    cached: bool,
+    width: usize,
+    comm: &dyn Communicator,
+) -> Result<Vec<f32>> {
+    let (rank, world) = (comm.rank(), comm.world());
+    if world == 1 {
+        return predict_with(model, ds, cached);
+    }
+    let n = ds.len();
+    let (lo, hi) = ddp::shard(n, rank, world);
+    let part = predict_rows(model, ds, cached, lo..hi)?;
+    if part.len() != (hi - lo) * width {
+        return Err(Error::Train(format!(
+            "the model gave {} outputs for {} rows of width {width}",
+            part.len(),
+            hi - lo
+        )));
+    }
+    let mut all = vec![0f32; n * width];
+    all[lo * width..hi * width].copy_from_slice(&part);
+    comm.all_reduce_sum(&mut all)?;
+    Ok(all)
+}
+
+/// Model outputs for rows `rows` of `ds`, in evaluation mode.
+fn predict_rows(
+    model: &dyn Model,
+    ds: &dyn Source,
+    cached: bool,
+    rows: std::ops::Range<usize>,
+) -> Result<Vec<f32>> {
     let device = model.store().device().clone();
-    let rows = if cached {
+    let batch = if cached {
         EVAL_BATCH
     } else {
         EVAL_BATCH.min(model.eval_batch()).max(1)
     };
-    let plan = BatchPlan::sequential(ds.len(), rows);
+    let plan = BatchPlan::sequential_range(rows, batch);
     let mut out = Vec::new();
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
@@ -519,6 +632,29 @@ fn predict_with(model: &dyn Model, ds: &dyn Source, cached: bool) -> Result<Vec<
         out.extend(y.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
+}
+
+/// Seeds of ranks 1, 2, … are this far apart, so their dropout streams never meet.
+const RANK_SEED_STRIDE: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The loop's next move as every rank will take it: any rank's abort or stop applies to all,
+/// so ranks never part ways (one waiting in a collective the others skipped).
+fn agree(comm: &dyn Communicator, ctl: Control) -> Result<Control> {
+    if comm.world() == 1 {
+        return Ok(ctl);
+    }
+    let mut votes = [
+        (ctl == Control::Stop) as u8 as f64,
+        (ctl == Control::Abort) as u8 as f64,
+    ];
+    comm.all_reduce_sum_f64(&mut votes)?;
+    Ok(if votes[1] > 0.0 {
+        Control::Abort
+    } else if votes[0] > 0.0 {
+        Control::Stop
+    } else {
+        Control::Continue
+    })
 }
 
 /// Whether a run in state `st` has nothing left to train.

@@ -1,0 +1,178 @@
+//! The parts of data-parallel training that sit on a [`Communicator`]: equal replicas at the
+//! start, averaged gradients after every backward, and metrics reduced across ranks.
+
+use crate::dist::Communicator;
+use crate::model::kernels::update_in_place;
+use crate::model::{Grads, Param};
+use crate::{Error, Result};
+
+/// Copies rank 0's values of `params` to every rank, so all replicas start equal (and stay
+/// equal, since every rank then applies the same averaged gradients).
+pub fn broadcast_params(comm: &dyn Communicator, params: &[Param]) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    for p in params {
+        let mut res = Ok(());
+        update_in_place(p.var.as_tensor(), |s| res = comm.broadcast(s, 0))?;
+        res.map_err(|e| Error::Dist(format!("broadcasting {}: {e}", p.name)))?;
+    }
+    Ok(())
+}
+
+/// Averages gradients across ranks, flattened into buckets of a fixed size (PyTorch's DDP
+/// uses 25 MB), so that a model of many small tensors costs a few large messages and a model
+/// of huge tensors never needs a second full copy of its gradients.
+pub struct GradReducer {
+    bucket: Vec<f32>,
+}
+
+impl GradReducer {
+    /// A reducer whose buckets hold `bucket_mb` megabytes of f32 (at least one value).
+    pub fn new(bucket_mb: f64) -> Self {
+        let elems = ((bucket_mb * 1e6 / 4.0) as usize).max(1);
+        Self {
+            bucket: Vec::with_capacity(elems),
+        }
+    }
+
+    /// Values per bucket.
+    pub fn bucket_len(&self) -> usize {
+        self.bucket.capacity()
+    }
+
+    /// Replaces every gradient by its mean over the ranks. Parameters are packed in order,
+    /// a large one split across buckets, so the result does not depend on the bucket size.
+    pub fn all_reduce_mean(&mut self, comm: &dyn Communicator, grads: &mut Grads) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let cap = self.bucket_len();
+        // (parameter, offset, len) of each piece in the current bucket.
+        let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+        let flush = |bucket: &mut Vec<f32>,
+                     pieces: &mut Vec<(usize, usize, usize)>,
+                     grads: &mut Grads|
+         -> Result<()> {
+            if bucket.is_empty() {
+                return Ok(());
+            }
+            comm.all_reduce_mean(bucket)?;
+            let mut at = 0;
+            for &(i, off, len) in pieces.iter() {
+                grads.bufs[i][off..off + len].copy_from_slice(&bucket[at..at + len]);
+                at += len;
+            }
+            bucket.clear();
+            pieces.clear();
+            Ok(())
+        };
+        for i in 0..grads.bufs.len() {
+            let mut off = 0;
+            let n = grads.bufs[i].len();
+            while off < n {
+                let room = cap - self.bucket.len();
+                let len = room.min(n - off);
+                self.bucket
+                    .extend_from_slice(&grads.bufs[i][off..off + len]);
+                pieces.push((i, off, len));
+                off += len;
+                if self.bucket.len() == cap {
+                    flush(&mut self.bucket, &mut pieces, grads)?;
+                }
+            }
+        }
+        flush(&mut self.bucket, &mut pieces, grads)
+    }
+}
+
+/// Sums `values` over the ranks (f64), in place; the identity for one rank.
+pub fn sum_f64(comm: &dyn Communicator, values: &mut [f64]) -> Result<()> {
+    if comm.world() > 1 {
+        comm.all_reduce_sum_f64(values)?;
+    }
+    Ok(())
+}
+
+/// The part `lo..hi` of `0..n` that rank `rank` of `world` evaluates.
+pub fn shard(n: usize, rank: usize, world: usize) -> (usize, usize) {
+    (n * rank / world, n * (rank + 1) / world)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two fake ranks in one process: a "sum" doubles the values, as if the other rank held
+    /// the same gradients.
+    struct Twin;
+    impl Communicator for Twin {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world(&self) -> usize {
+            2
+        }
+        fn backend(&self) -> &'static str {
+            "twin"
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+            buf.iter_mut().for_each(|v| *v *= 2.0);
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            buf.iter_mut().for_each(|v| *v *= 2.0);
+            Ok(())
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_bytes(&self, _: &mut [u8], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            std::process::exit(code)
+        }
+    }
+
+    #[test]
+    fn buckets_split_and_restore_every_gradient() {
+        let mut g = Grads {
+            names: vec!["a".into(), "b".into(), "c".into()],
+            bufs: vec![
+                (0..7).map(|v| v as f32).collect(),
+                vec![],
+                (0..13).map(|v| -(v as f32)).collect(),
+            ],
+        };
+        let want = g.bufs.clone();
+        // 3 values per bucket: parameters are cut across buckets.
+        let mut r = GradReducer::new(12e-6);
+        assert_eq!(r.bucket_len(), 3);
+        r.all_reduce_mean(&Twin, &mut g).unwrap();
+        assert_eq!(g.bufs, want);
+        let mut doubled = g.clone();
+        doubled.bufs[0][3] = 10.0;
+        let mut r = GradReducer::new(25.0);
+        r.all_reduce_mean(&Twin, &mut doubled).unwrap();
+        assert_eq!(doubled.bufs[0][3], 10.0);
+    }
+
+    #[test]
+    fn shards_cover_every_row_once() {
+        for n in [0, 1, 5, 64, 1437] {
+            for world in 1..5 {
+                let mut next = 0;
+                for r in 0..world {
+                    let (lo, hi) = shard(n, r, world);
+                    assert_eq!(lo, next);
+                    next = hi;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+}
