@@ -24,46 +24,61 @@ pub fn broadcast_params(comm: &dyn Communicator, params: &[Param]) -> Result<()>
 /// uses 25 MB), so that a model of many small tensors costs a few large messages and a model
 /// of huge tensors never needs a second full copy of its gradients.
 pub struct GradReducer {
-    bucket: Vec<f32>,
+    /// The bucket being filled (what this rank sends) and what the all-reduce returns.
+    send: Vec<f32>,
+    recv: Vec<f32>,
+    cap: usize,
 }
 
 impl GradReducer {
     /// A reducer whose buckets hold `bucket_mb` megabytes of f32 (at least one value).
     pub fn new(bucket_mb: f64) -> Self {
-        let elems = ((bucket_mb * 1e6 / 4.0) as usize).max(1);
         Self {
-            bucket: Vec::with_capacity(elems),
+            send: Vec::new(),
+            recv: Vec::new(),
+            cap: ((bucket_mb * 1e6 / 4.0) as usize).max(1),
         }
     }
 
     /// Values per bucket.
     pub fn bucket_len(&self) -> usize {
-        self.bucket.capacity()
+        self.cap
     }
 
     /// Replaces every gradient by its mean over the ranks. Parameters are packed in order,
     /// a large one split across buckets, so the result does not depend on the bucket size.
+    /// Each value is copied twice (into the bucket, and back scaled by 1/world) around the
+    /// communicator's out-of-place sum.
     pub fn all_reduce_mean(&mut self, comm: &dyn Communicator, grads: &mut Grads) -> Result<()> {
-        if comm.world() == 1 {
+        let world = comm.world();
+        if world == 1 {
             return Ok(());
         }
-        let cap = self.bucket_len();
+        let inv = 1.0 / world as f32;
+        let cap = self.cap;
         // (parameter, offset, len) of each piece in the current bucket.
         let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
-        let flush = |bucket: &mut Vec<f32>,
+        let flush = |send: &mut Vec<f32>,
+                     recv: &mut Vec<f32>,
                      pieces: &mut Vec<(usize, usize, usize)>,
                      grads: &mut Grads|
          -> Result<()> {
-            if bucket.is_empty() {
+            if send.is_empty() {
                 return Ok(());
             }
-            comm.all_reduce_mean(bucket)?;
+            recv.resize(send.len(), 0.0);
+            comm.all_reduce_sum_into(send, recv)?;
             let mut at = 0;
             for &(i, off, len) in pieces.iter() {
-                grads.bufs[i][off..off + len].copy_from_slice(&bucket[at..at + len]);
+                for (g, r) in grads.bufs[i][off..off + len]
+                    .iter_mut()
+                    .zip(&recv[at..at + len])
+                {
+                    *g = r * inv;
+                }
                 at += len;
             }
-            bucket.clear();
+            send.clear();
             pieces.clear();
             Ok(())
         };
@@ -71,18 +86,16 @@ impl GradReducer {
             let mut off = 0;
             let n = grads.bufs[i].len();
             while off < n {
-                let room = cap - self.bucket.len();
-                let len = room.min(n - off);
-                self.bucket
-                    .extend_from_slice(&grads.bufs[i][off..off + len]);
+                let len = (cap - self.send.len()).min(n - off);
+                self.send.extend_from_slice(&grads.bufs[i][off..off + len]);
                 pieces.push((i, off, len));
                 off += len;
-                if self.bucket.len() == cap {
-                    flush(&mut self.bucket, &mut pieces, grads)?;
+                if self.send.len() == cap {
+                    flush(&mut self.send, &mut self.recv, &mut pieces, grads)?;
                 }
             }
         }
-        flush(&mut self.bucket, &mut pieces, grads)
+        flush(&mut self.send, &mut self.recv, &mut pieces, grads)
     }
 }
 

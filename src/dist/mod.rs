@@ -38,6 +38,11 @@ pub trait Communicator: Send + Sync {
     fn backend(&self) -> &'static str;
     /// Element-wise sum over all ranks, in place.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Element-wise sum over all ranks of `send`, written to `recv` (of the same length).
+    fn all_reduce_sum_into(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        recv.copy_from_slice(send);
+        self.all_reduce_sum(recv)
+    }
     /// Element-wise sum over all ranks, in place, in f64 (for metrics and counters).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Every rank receives `root`'s `buf`.

@@ -361,24 +361,32 @@ impl Communicator for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let mut send = std::mem::take(&mut st.send_f32);
+        let mut send = std::mem::take(&mut self.lock().send_f32);
         send.clear();
         send.extend_from_slice(buf);
-        let res = self.collective(st, "all-reduce", |req| unsafe {
+        let res = self.all_reduce_sum_into(&send, buf);
+        self.lock().send_f32 = send;
+        res
+    }
+
+    fn all_reduce_sum_into(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        assert_eq!(
+            send.len(),
+            recv.len(),
+            "all-reduce buffers differ in length"
+        );
+        let mut st = self.lock();
+        self.collective(&mut st, "all-reduce", |req| unsafe {
             ffi::MPI_Iallreduce(
                 send.as_ptr() as *const c_void,
-                buf.as_mut_ptr() as *mut c_void,
-                buf.len() as c_int,
+                recv.as_mut_ptr() as *mut c_void,
+                recv.len() as c_int,
                 ffi::RSMPI_FLOAT,
                 ffi::RSMPI_SUM,
                 world_comm(),
                 req,
             )
-        });
-        st.send_f32 = send;
-        res
+        })
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Data-parallel scaling on this machine: training throughput of 2 MPI ranks × 1 thread against
+# 1 rank × 1 thread (same per-rank batch), on the digits MLP and on ResNet-18 at batch 16 ×
+# 3×64×64 (synthetic images), then the all-reduce bandwidth of 45 MB of f32 against memcpy.
+# Throughput is the trainer's own (samples over time spent in training steps, every rank's
+# samples counted). Needs OpenMPI (scripts/fetch-mpi.sh). EPOCHS_MLP / EPOCHS_RESNET shorten it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --features mpi --quiet --bin wick --example synthetic_data --example allreduce_bw
+W=target/release/wick
+OUT=${OUT:-$(mktemp -d)}
+echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'); runs in $OUT"
+
+IMG=.cache/ddp-bench/images64
+target/release/examples/synthetic_data "$IMG" 640 12288 10
+cat > "$OUT/resnet.toml" <<TOML
+[run]
+name = "ddp_resnet18"
+[data]
+path = "$(pwd)/$IMG"
+label = "label"
+standardize = false
+test_fraction = 0.05
+[model]
+kind = "resnet"
+arch = "resnet18"
+input_shape = [3, 64, 64]
+[optim]
+kind = "sgd"
+lr = 0.01
+momentum = 0.9
+[train]
+epochs = ${EPOCHS_RESNET:-3}
+batch_size = 16
+drop_last = true
+TOML
+
+compare() { # NAME CONFIG SETS...
+    local name=$1 cfg=$2; shift 2
+    "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-1" "$@" >/dev/null
+    "$W" launch --nproc 2 -- train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-2" "$@" >/dev/null
+    # The machine's own ceiling: two independent 1-rank runs at once, no communication.
+    "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-a" "$@" >/dev/null &
+    "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-b" "$@" >/dev/null
+    wait
+    python3 - "$name" "$OUT/$name" <<'PY'
+import json, sys
+r = lambda s: json.load(open(f"{sys.argv[2]}-{s}/summary.json"))["train_samples_per_s"]
+one, two, both = r("1"), r("2"), r("a") + r("b")
+print(f"{sys.argv[1]:<28} 1 rank {one:9.1f}/s  2 ranks {two:9.1f}/s  scaling {two/one:.2f}x"
+      f"  | 2 independent runs {both:9.1f}/s = {both/one:.2f}x (the machine's ceiling)")
+PY
+}
+echo "== throughput, 1 thread per rank"
+compare "digits MLP, batch 32/rank" configs/digits_mlp.toml --set train.batch_size=32 --set "train.epochs=${EPOCHS_MLP:-60}"
+compare "digits MLP, batch 128/rank" configs/digits_mlp.toml --set train.batch_size=128 --set "train.epochs=${EPOCHS_MLP:-60}"
+compare "ResNet-18 16x3x64x64/rank" "$OUT/resnet.toml"
+echo "== all-reduce, 2 ranks"
+mpirun $([ "$(id -u)" = 0 ] && echo --allow-run-as-root) -np 2 --bind-to none target/release/examples/allreduce_bw 45
