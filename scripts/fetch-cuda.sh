@@ -4,7 +4,7 @@
 # cudarc + candle-kernels build scripts) works on a machine with no GPU and no system CUDA.
 #
 #   prefix:  $WICK_CUDA_HOME, default ../shared/cuda relative to the repo root
-#   version: $WICK_CUDA_VERSION, 13.4 (default) or 13.0
+#   version: $WICK_CUDA_VERSION, 13.0 (default: runs on the r580 drivers of the GPU machines) or 13.4
 #   then:    source scripts/cuda-env.sh      (or export what this script prints at the end)
 #
 # Pins are the sets the `cuda-toolkit==13.4.3` / `==13.0.2` meta-wheels require. 13.4 is the newest
@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-CUDA_MM=${WICK_CUDA_VERSION:-13.4}   # toolkit major.minor
+CUDA_MM=${WICK_CUDA_VERSION:-13.0}   # toolkit major.minor (13.0 runs on r580 drivers)
 case "$CUDA_MM" in
     13.4) PKGS=(
             nvidia-cuda-nvcc==13.4.92

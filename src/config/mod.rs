@@ -116,7 +116,7 @@ pub struct RunConfig {
     pub name: String,
     /// The one seed that drives init, shuffling and dropout.
     pub seed: u64,
-    /// `"cpu"` (CUDA comes with the scale-out work).
+    /// `"cpu"`, `"cuda"` (GPU 0, or under mpirun the rank's GPU) or `"cuda:N"` (feature `cuda`).
     pub device: String,
     /// Where run directories are created.
     pub output_dir: PathBuf,
@@ -134,6 +134,70 @@ impl Default for RunConfig {
             threads: 0,
         }
     }
+}
+
+/// A parsed `run.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// A CUDA GPU by ordinal (`"cuda"` is `cuda:0`).
+    Cuda(usize),
+}
+
+/// `"cpu"`, `"cuda"` or `"cuda:N"`; `None` for anything else.
+pub fn parse_device(s: &str) -> Option<DeviceSpec> {
+    match s {
+        "cpu" => Some(DeviceSpec::Cpu),
+        "cuda" => Some(DeviceSpec::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda),
+    }
+}
+
+impl RunConfig {
+    /// The candle device of `run.device`. A data-parallel rank on `"cuda"` takes GPU
+    /// `local rank % visible GPUs`, so that `mpirun -np N` on an N-GPU machine uses them all.
+    pub fn candle_device(&self) -> crate::Result<candle_core::Device> {
+        match parse_device(&self.device) {
+            Some(DeviceSpec::Cpu) => Ok(candle_core::Device::Cpu),
+            Some(DeviceSpec::Cuda(n)) => cuda_device(n, self.device == "cuda"),
+            None => Err(crate::Error::Config(format!(
+                "run.device = {:?}: expected \"cpu\", \"cuda\" or \"cuda:N\"",
+                self.device
+            ))),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(n: usize, by_rank: bool) -> crate::Result<candle_core::Device> {
+    let n = match (by_rank, crate::dist::launched_world()) {
+        (true, Some(_)) => {
+            let local: usize = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let gpus = candle_core::cuda::cudarc::driver::CudaContext::device_count()
+                .map_err(|e| crate::Error::Config(format!("run.device = \"cuda\": {e:?}")))?
+                .max(1) as usize;
+            local % gpus
+        }
+        _ => n,
+    };
+    candle_core::Device::new_cuda(n).map_err(|e| {
+        crate::Error::Config(format!(
+            "run.device = \"cuda:{n}\": {e}; check `nvidia-smi`, or set run.device = \"cpu\""
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(n: usize, _by_rank: bool) -> crate::Result<candle_core::Device> {
+    Err(crate::Error::Config(format!(
+        "run.device = \"cuda:{n}\": this wick was built without CUDA; rebuild with `--features cuda`"
+    )))
 }
 
 /// What the model predicts.

@@ -80,12 +80,23 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "a fraction strictly between 0 and 1, e.g. 0.2 (or set data.test_path)",
         );
     }
-    if cfg.run.device != "cpu" {
-        return bad(
-            "run.device",
-            format!("\"{}\"", cfg.run.device),
-            "\"cpu\" (this build has no GPU support)",
-        );
+    match crate::config::parse_device(&cfg.run.device) {
+        Some(crate::config::DeviceSpec::Cpu) => {}
+        Some(crate::config::DeviceSpec::Cuda(_)) if cfg!(feature = "cuda") => {}
+        Some(crate::config::DeviceSpec::Cuda(_)) => {
+            return bad(
+                "run.device",
+                format!("\"{}\"", cfg.run.device),
+                "\"cpu\": this wick was built without CUDA (rebuild with `--features cuda` on a machine with the CUDA toolkit)",
+            )
+        }
+        None => {
+            return bad(
+                "run.device",
+                format!("\"{}\"", cfg.run.device),
+                "\"cpu\", \"cuda\" or \"cuda:N\"",
+            )
+        }
     }
     let d = &cfg.dist;
     if !(d.timeout_s.is_finite() && d.timeout_s > 0.0) {

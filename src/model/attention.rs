@@ -23,8 +23,62 @@ pub struct AttentionSpec {
 /// Scaled dot-product self-attention over packed `qkv` (`[n, L, 3·H]`: queries, keys, values)
 /// with `mask` (`[n, L]`, 1 = token, 0 = padding, f32). Returns `[n, L, H]`.
 pub fn attention(qkv: &Tensor, mask: &Tensor, spec: AttentionSpec) -> candle_core::Result<Tensor> {
+    if !qkv.device().is_cpu() {
+        return attention_composite(qkv, mask, spec);
+    }
     let op = Attention(spec);
     qkv.contiguous()?.apply_op2(&mask.contiguous()?, op)
+}
+
+/// [`attention`] from candle's own ops, for devices without wick's kernel (a GPU): the same
+/// function, dropout mask included (drawn on the host from the same hash), at candle's speed.
+fn attention_composite(
+    qkv: &Tensor,
+    mask: &Tensor,
+    spec: AttentionSpec,
+) -> candle_core::Result<Tensor> {
+    use candle_core::D;
+    let (n, len, h3) = qkv.dims3()?;
+    let (h, heads) = (h3 / 3, spec.heads);
+    if h3 % 3 != 0 || heads == 0 || h % heads != 0 {
+        candle_core::bail!("attention: packed width {h3} is not 3 × a multiple of {heads} heads");
+    }
+    let d = h / heads;
+    // [3, n, heads, L, d]
+    let parts = qkv
+        .reshape((n, len, 3, heads, d))?
+        .permute((2, 0, 3, 1, 4))?;
+    let (q, k, v) = (
+        parts.get(0)?.contiguous()?,
+        parts.get(1)?.contiguous()?,
+        parts.get(2)?.contiguous()?,
+    );
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+    // 0 for tokens, a large negative number for padding (finite, so an all-padding row stays
+    // a uniform distribution instead of NaN).
+    let bias = ((mask.to_dtype(scores.dtype())? - 1.0)? * 1e9)?.reshape((n, 1, 1, len))?;
+    let scores = scores.broadcast_add(&bias)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let mut p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    if spec.dropout > 0.0 {
+        let scale = 1.0 / (1.0 - spec.dropout);
+        let mut m = Vec::with_capacity(n * heads * len * len);
+        for pair in 0..n * heads {
+            for i in 0..len {
+                for j in 0..len {
+                    m.push(if keep(spec.seed, pair, i, j, len, spec.dropout) {
+                        scale
+                    } else {
+                        0.0
+                    });
+                }
+            }
+        }
+        let m = Tensor::from_vec(m, (n, heads, len, len), qkv.device())?;
+        p = (p * m)?;
+    }
+    p.matmul(&v)?.permute((0, 2, 1, 3))?.reshape((n, len, h))
 }
 
 struct Attention(AttentionSpec);
@@ -336,5 +390,68 @@ impl CustomOp3 for AttentionGrad {
             );
         }
         Ok((CpuStorage::F32(out), Shape::from((n, len, rs))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The GPU fallback computes the kernel's function: outputs (dropout mask included) and
+    /// gradients, with padding.
+    #[test]
+    fn the_composite_fallback_matches_the_kernel() {
+        let (n, len, heads, d) = (2, 5, 2, 3);
+        let h = heads * d;
+        let mut rng = crate::rng::Rng::keyed(7, "attention-test", 0);
+        let vals: Vec<f32> = (0..n * len * 3 * h).map(|_| rng.next_f32() - 0.5).collect();
+        let qkv = Var::from_tensor(&Tensor::from_vec(vals, (n, len, 3 * h), &Device::Cpu).unwrap())
+            .unwrap();
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 1., 1.], [1., 1., 1., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let r: Vec<f32> = (0..n * len * h).map(|_| rng.next_f32()).collect();
+        let r = Tensor::from_vec(r, (n, len, h), &Device::Cpu).unwrap();
+        for dropout in [0.0, 0.3] {
+            let spec = AttentionSpec {
+                heads,
+                dropout,
+                seed: 11,
+            };
+            let a = attention(qkv.as_tensor(), &mask, spec).unwrap();
+            let b = attention_composite(qkv.as_tensor(), &mask, spec).unwrap();
+            assert!(
+                max_diff(&a, &b) < 1e-5,
+                "outputs differ by {}",
+                max_diff(&a, &b)
+            );
+            let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (ga, gb) = (
+                ga.get(qkv.as_tensor()).unwrap(),
+                gb.get(qkv.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(ga, gb) < 1e-5,
+                "gradients differ by {}",
+                max_diff(ga, gb)
+            );
+        }
     }
 }

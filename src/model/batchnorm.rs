@@ -295,7 +295,14 @@ impl BatchNorm2d {
         else {
             candle_core::bail!("batch norm: the forward pass kept no statistics")
         };
-        let rows = (x.elem_count() / c).max(1);
+        let rows = x.elem_count() / c.max(1);
+        self.track(&mean, &var, rows)?;
+        Ok(y)
+    }
+
+    /// Folds one training batch's statistics (`rows` values per channel; biased variance)
+    /// into the running ones, as PyTorch does: unbiased variance, momentum-weighted average.
+    fn track(&self, mean: &[f32], var: &[f32], rows: usize) -> candle_core::Result<()> {
         let unbias = if rows > 1 {
             rows as f32 / (rows - 1) as f32
         } else {
@@ -304,21 +311,20 @@ impl BatchNorm2d {
         let m = self.momentum as f32;
         update_in_place(&self.running_mean, |rm| {
             rm.iter_mut()
-                .zip(&mean)
+                .zip(mean)
                 .for_each(|(r, &v)| *r = (1.0 - m) * *r + m * v)
         })
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         update_in_place(&self.running_var, |rv| {
             rv.iter_mut()
-                .zip(&var)
+                .zip(var)
                 .for_each(|(r, &v)| *r = (1.0 - m) * *r + m * v * unbias)
         })
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         update_in_place(&self.num_batches_tracked, |n| {
             n.iter_mut().for_each(|n| *n += 1.0)
         })
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok(y)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     /// `scale = γ / √(running_var + ε)`, `shift = β − running_mean · scale`.
@@ -334,13 +340,15 @@ impl BatchNorm2d {
         Ok((scale, shift))
     }
 
-    /// The same computation with candle ops (non-CPU devices; no running-statistics update).
+    /// The same computation with candle ops (non-CPU devices), running statistics included.
     fn forward_generic(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let c = self.weight.elem_count();
         let flat = x.reshape(((), c))?;
         let (mean, var) = if train {
             let mean = flat.mean_keepdim(0)?;
             let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+            let host = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
+            self.track(&host(&mean)?, &host(&var)?, flat.dim(0)?)?;
             (mean, var)
         } else {
             (
@@ -354,5 +362,63 @@ impl BatchNorm2d {
             .broadcast_mul(&self.weight.reshape((1, c))?)?
             .broadcast_add(&self.bias.reshape((1, c))?)?;
         y.reshape(x.shape())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn layer(c: usize) -> BatchNorm2d {
+        let d = &Device::Cpu;
+        BatchNorm2d {
+            weight: Tensor::new(&[1.5f32, 0.5, 1.0][..c], d).unwrap(),
+            bias: Tensor::new(&[0.1f32, -0.2, 0.0][..c], d).unwrap(),
+            running_mean: Tensor::zeros(c, DType::F32, d).unwrap(),
+            running_var: Tensor::ones(c, DType::F32, d).unwrap(),
+            num_batches_tracked: Tensor::zeros((), DType::F32, d).unwrap(),
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+
+    /// The candle-ops path (what a GPU runs) normalises and tracks running statistics like
+    /// the CPU kernel, in training and in evaluation mode.
+    #[test]
+    fn the_generic_path_matches_the_kernel() {
+        let mut rng = crate::rng::Rng::keyed(2, "bn-test", 0);
+        let v: Vec<f32> = (0..4 * 5 * 5 * 3).map(|_| rng.next_f32() * 2.0).collect();
+        let x = Tensor::from_vec(v, (4, 5, 5, 3), &Device::Cpu).unwrap();
+        let (a, b) = (layer(3), layer(3));
+        let diff = |p: &Tensor, q: &Tensor| -> f32 {
+            (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        for _ in 0..3 {
+            let ya = a.forward(&x, true).unwrap();
+            let yb = b.forward_generic(&x, true).unwrap();
+            assert!(diff(&ya, &yb) < 1e-5);
+        }
+        assert!(diff(&a.running_mean, &b.running_mean) < 1e-6);
+        assert!(diff(&a.running_var, &b.running_var) < 1e-6);
+        assert_eq!(
+            b.num_batches_tracked.to_scalar::<f32>().unwrap(),
+            3.0,
+            "batches tracked"
+        );
+        let (ya, yb) = (
+            a.forward(&x, false).unwrap(),
+            b.forward_generic(&x, false).unwrap(),
+        );
+        assert!(diff(&ya, &yb) < 1e-5);
     }
 }

@@ -51,9 +51,35 @@ impl<F: FnMut(&mut [f32])> InplaceOp1 for InPlace<F> {
             _ => candle_core::bail!("wick-update: expected a contiguous f32 tensor"),
         }
     }
+
+    /// On a GPU the values make a round trip through host memory: correct, not fast (the
+    /// optimizer's update then costs two copies of the parameters per step).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &mut candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("wick-update: expected a contiguous f32 tensor")
+        };
+        let stream = storage.device.cuda_stream();
+        let slice = storage.as_cuda_slice_mut::<f32>()?;
+        let mut view = slice.slice_mut(a..b);
+        let mut host = vec![0f32; b - a];
+        stream
+            .memcpy_dtoh(&view, &mut host)
+            .map_err(|e| candle_core::Error::Msg(format!("wick-update: {e:?}")))?;
+        (self.0.borrow_mut())(&mut host);
+        stream
+            .memcpy_htod(&host, &mut view)
+            .map_err(|e| candle_core::Error::Msg(format!("wick-update: {e:?}")))?;
+        Ok(())
+    }
 }
 
-/// Applies `f` to the f32 data of `t` in place (no allocation). CPU tensors only.
+/// Applies `f` to the f32 data of `t` in place (no allocation on the CPU; through a host copy
+/// on a GPU).
 pub fn update_in_place(t: &Tensor, f: impl FnMut(&mut [f32])) -> Result<()> {
     t.inplace_op1(&InPlace(RefCell::new(f)))
         .map_err(Error::from)

@@ -111,16 +111,66 @@ impl CustomOp1 for MaxPool {
     }
 }
 
+/// [`max_pool2d`] from candle's own differentiable ops, for devices without wick's kernel (a
+/// GPU; candle's pooling has no backward pass for overlapping windows): the maximum, taken
+/// element-wise, of the kernel's `k²` strided views of the input padded with the lowest f32.
+fn max_pool2d_composite(x: &Tensor, spec: PoolSpec) -> candle_core::Result<Tensor> {
+    use candle_core::IndexOp;
+    let (n, h, w, c) = x.dims4()?;
+    let (oh, ow) = (spec.out(h)?, spec.out(w)?);
+    let (k, s, p) = (spec.kernel, spec.stride.max(1), spec.padding);
+    // Rows (columns) needed: every window start s·t + (0..k), and whole groups of s after each
+    // start so that a strided view is a reshape.
+    let (need_h, need_w) = (k - 1 + s * oh, k - 1 + s * ow);
+    let low = |dims: (usize, usize, usize, usize)| Tensor::full(f32::MIN, dims, x.device());
+    let mut xp = x.clone();
+    let (top, bottom) = (p, need_h.saturating_sub(h + p));
+    if top + bottom > 0 {
+        let mut parts = Vec::new();
+        if top > 0 {
+            parts.push(low((n, top, w, c))?);
+        }
+        parts.push(xp.clone());
+        if bottom > 0 {
+            parts.push(low((n, bottom, w, c))?);
+        }
+        xp = Tensor::cat(&parts, 1)?;
+    }
+    let hp = xp.dim(1)?;
+    let (left, right) = (p, need_w.saturating_sub(w + p));
+    if left + right > 0 {
+        let mut parts = Vec::new();
+        if left > 0 {
+            parts.push(low((n, hp, left, c))?);
+        }
+        parts.push(xp.clone());
+        if right > 0 {
+            parts.push(low((n, hp, right, c))?);
+        }
+        xp = Tensor::cat(&parts, 2)?;
+    }
+    let mut y: Option<Tensor> = None;
+    for di in 0..k {
+        for dj in 0..k {
+            let v = xp
+                .narrow(1, di, s * oh)?
+                .narrow(2, dj, s * ow)?
+                .reshape((n, oh, s, ow, s, c))?
+                .i((.., .., 0, .., 0, ..))?;
+            y = Some(match y {
+                None => v,
+                Some(m) => m.maximum(&v)?,
+            });
+        }
+    }
+    y.ok_or_else(|| candle_core::Error::Msg("max pool: kernel size 0".into()))?
+        .contiguous()
+}
+
 /// Max pooling of NHWC `x`.
 pub fn max_pool2d(x: &Tensor, spec: PoolSpec) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
-        if spec.padding != 0 {
-            candle_core::bail!("max pool with padding runs on the CPU only");
-        }
-        let y = x
-            .permute((0, 3, 1, 2))?
-            .max_pool2d_with_stride(spec.kernel, spec.stride)?;
-        return y.permute((0, 2, 3, 1))?.contiguous();
+        return max_pool2d_composite(x, spec);
     }
     let op = MaxPool {
         spec,
@@ -133,4 +183,59 @@ pub fn max_pool2d(x: &Tensor, spec: PoolSpec) -> candle_core::Result<Tensor> {
 pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
     let (n, h, w, c) = x.dims4()?;
     x.reshape((n, h * w, c))?.mean(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The GPU fallback pools like the kernel, forward and backward (the ResNet stem's
+    /// overlapping 3×3, stride 2, padding 1 windows, and others).
+    #[test]
+    fn the_composite_fallback_matches_the_kernel() {
+        let mut rng = crate::rng::Rng::keyed(3, "pool-test", 0);
+        for (h, w, k, s, p) in [(9, 8, 3, 2, 1), (8, 8, 2, 2, 0), (7, 5, 3, 1, 1)] {
+            let (n, c) = (2, 3);
+            let vals: Vec<f32> = (0..n * h * w * c).map(|_| rng.next_f32() - 0.5).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(vals, (n, h, w, c), &Device::Cpu).unwrap())
+                .unwrap();
+            let spec = PoolSpec {
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let a = max_pool2d(x.as_tensor(), spec).unwrap();
+            let b = max_pool2d_composite(x.as_tensor(), spec).unwrap();
+            assert_eq!(a.dims(), b.dims());
+            let d = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            assert_eq!(d(&a, &b), 0.0, "{h}x{w} k{k} s{s} p{p}");
+            let r = Tensor::from_vec(
+                (0..a.elem_count())
+                    .map(|_| rng.next_f32())
+                    .collect::<Vec<_>>(),
+                a.shape(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (ga, gb) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap(),
+            );
+            assert!(d(ga, gb) < 1e-6, "gradients differ by {}", d(ga, gb));
+        }
+    }
 }

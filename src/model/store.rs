@@ -343,7 +343,7 @@ impl ParamStore {
         }
         for (name, e) in vars.iter().filter(|(k, _)| !skip(k)) {
             let t = tensors[name].to_dtype(DType::F32)?.reshape(e.var.shape())?;
-            e.var.set(&t)?;
+            e.var.set(&t.to_device(e.var.device())?)?;
         }
         Ok(())
     }

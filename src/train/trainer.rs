@@ -187,7 +187,7 @@ impl Trainer {
     /// Loads the data and builds the model described by `cfg`.
     pub fn from_config(cfg: &Config) -> Result<Self> {
         let (train, eval, schema) = open_sources(&cfg.data, cfg.run.seed)?;
-        let device = candle_core::Device::Cpu;
+        let device = cfg.run.candle_device()?;
         let model = model::build(&cfg.model, &schema, cfg.run.seed, &device)?;
         Ok(Self::new(cfg.clone(), model, train, eval, schema))
     }
