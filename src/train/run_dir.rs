@@ -46,6 +46,10 @@ pub struct Summary {
     /// Time spent in training steps over the whole run, resumes included.
     pub train_time_s: f64,
     pub train_samples_per_s: f64,
+    /// Of the training time of this invocation, the seconds rank 0 spent in data-parallel
+    /// communication (gradient all-reduce, agreeing on stops); 0 for one process.
+    #[serde(default)]
+    pub comm_time_s: f64,
 }
 
 impl RunDir {

@@ -85,6 +85,8 @@ struct StepCtx<'a> {
     cached: bool,
     comm: &'a dyn Communicator,
     reducer: &'a mut GradReducer,
+    /// Seconds spent in communication so far.
+    comm_s: &'a mut f64,
 }
 
 impl StepCtx<'_> {
@@ -132,7 +134,9 @@ impl StepCtx<'_> {
             if b + 1 < group_start + group_len {
                 continue;
             }
+            let waited = Instant::now();
             self.reducer.all_reduce_mean(self.comm, self.grads)?;
+            *self.comm_s += waited.elapsed().as_secs_f64();
             for cb in self.callbacks.iter_mut() {
                 cb.on_after_backward(self.grads)?;
             }
@@ -154,7 +158,10 @@ impl StepCtx<'_> {
                 samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
             };
             step_loss = 0.0;
-            let ctl = agree(self.comm, emit_step(self.callbacks, &info)?)?;
+            let ctl = emit_step(self.callbacks, &info)?;
+            let waited = Instant::now();
+            let ctl = agree(self.comm, ctl)?;
+            *self.comm_s += waited.elapsed().as_secs_f64();
             if ctl == Control::Abort {
                 return Err(Error::Train(format!(
                     "aborted after step {} as requested; `wick train --resume {}` continues",
@@ -375,6 +382,7 @@ impl Trainer {
         // Equal replicas: rank 0's weights (and buffers) everywhere.
         ddp::broadcast_params(comm.as_ref(), &store.params())?;
         let mut reducer = GradReducer::new(cfg.dist.bucket_mb);
+        let mut comm_s = 0f64;
 
         let caching = self.model.cached_features().is_some()
             && t.cache_features
@@ -432,6 +440,7 @@ impl Trainer {
                 cached,
                 comm: comm.as_ref(),
                 reducer: &mut reducer,
+                comm_s: &mut comm_s,
             };
             let first = sc.st.batch;
             let ending = with_prefetch(
@@ -556,6 +565,7 @@ impl Trainer {
             wall_time_s: wall.elapsed().as_secs_f64(),
             train_time_s: st.train_time_s,
             train_samples_per_s: st.samples as f64 / st.train_time_s.max(1e-9),
+            comm_time_s: comm_s,
         };
         if main {
             run.write_summary(&summary)?;
