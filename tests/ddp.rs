@@ -220,6 +220,19 @@ fn finish(child: Child, t0: Instant) -> (bool, String, Duration) {
     (o.status.success(), err, took)
 }
 
+/// The run's `last` checkpoint is whole: `wick eval` reads it.
+#[cfg(feature = "mpi")]
+fn assert_last_checkpoint_evaluates(dir: &Path) {
+    let o = common::wick()
+        .arg("eval")
+        .arg(dir)
+        .args(["--checkpoint", "last", "--json"])
+        .output()
+        .unwrap();
+    let (out, e) = common::text(&o);
+    assert!(o.status.success(), "{out}\n{e}");
+}
+
 #[cfg(feature = "mpi")]
 #[test]
 fn a_killed_rank_stops_the_job_and_names_the_rank() {
@@ -235,14 +248,7 @@ fn a_killed_rank_stops_the_job_and_names_the_rank() {
     assert!(took < Duration::from_secs(5 + 20), "took {took:?}");
     assert!(err.contains("rank 1"), "the error names rank 1:\n{err}");
     // The last checkpoint is whole: the run evaluates from it.
-    let o = common::wick()
-        .arg("eval")
-        .arg(&dir)
-        .args(["--checkpoint", "last", "--json"])
-        .output()
-        .unwrap();
-    let (out, e) = common::text(&o);
-    assert!(o.status.success(), "{out}\n{e}");
+    assert_last_checkpoint_evaluates(&dir);
 }
 
 #[cfg(feature = "mpi")]
@@ -268,14 +274,7 @@ fn a_hung_rank_times_out_with_an_error_naming_it() {
             && err.contains("dist.timeout_s = 5"),
         "rank 0's error names rank 1 and the timeout:\n{err}"
     );
-    let o = common::wick()
-        .arg("eval")
-        .arg(&dir)
-        .args(["--checkpoint", "last", "--json"])
-        .output()
-        .unwrap();
-    let (out, e) = common::text(&o);
-    assert!(o.status.success(), "{out}\n{e}");
+    assert_last_checkpoint_evaluates(&dir);
 }
 
 /// A 2-rank run killed mid-epoch (every rank aborts after step 30) and resumed with

@@ -396,20 +396,8 @@ impl CustomOp3 for AttentionGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::max_abs_diff as max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The GPU fallback computes the kernel's function: outputs (dropout mask included) and
     /// gradients, with padding.

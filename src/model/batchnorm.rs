@@ -391,18 +391,7 @@ mod tests {
         let v: Vec<f32> = (0..4 * 5 * 5 * 3).map(|_| rng.next_f32() * 2.0).collect();
         let x = Tensor::from_vec(v, (4, 5, 5, 3), &Device::Cpu).unwrap();
         let (a, b) = (layer(3), layer(3));
-        let diff = |p: &Tensor, q: &Tensor| -> f32 {
-            (p - q)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::model::kernels::max_abs_diff;
         for _ in 0..3 {
             let ya = a.forward(&x, true).unwrap();
             let yb = b.forward_generic(&x, true).unwrap();

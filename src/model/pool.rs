@@ -208,18 +208,7 @@ mod tests {
             let a = max_pool2d(x.as_tensor(), spec).unwrap();
             let b = max_pool2d_composite(x.as_tensor(), spec).unwrap();
             assert_eq!(a.dims(), b.dims());
-            let d = |a: &Tensor, b: &Tensor| -> f32 {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
+            let d = crate::model::kernels::max_abs_diff;
             assert_eq!(d(&a, &b), 0.0, "{h}x{w} k{k} s{s} p{p}");
             let r = Tensor::from_vec(
                 (0..a.elem_count())
