@@ -322,3 +322,40 @@ fn a_data_parallel_run_resumes_exactly() {
         "resumed weights differ from the uninterrupted run's"
     );
 }
+
+/// `mpirun -np 2 wick train CONFIG`, without `wick launch`: the world comes from OpenMPI's
+/// environment, and rank 0 alone prints the run directory.
+#[cfg(feature = "mpi")]
+#[test]
+fn plain_mpirun_runs_a_data_parallel_job() {
+    std::env::set_current_dir(common::root()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("plain");
+    let mut c = Command::new("mpirun");
+    c.current_dir(common::root())
+        .env_remove("RAYON_NUM_THREADS");
+    if unsafe { libc::geteuid() } == 0 {
+        c.arg("--allow-run-as-root");
+    }
+    let o = c
+        .args(["-np", "2", "--bind-to", "none", env!("CARGO_BIN_EXE_wick")])
+        .args([
+            "train",
+            "configs/digits_mlp.toml",
+            "--threads",
+            "1",
+            "--run-dir",
+        ])
+        .arg(&dir)
+        .args(["--set", "train.epochs=2"])
+        .output()
+        .unwrap();
+    let (out, err) = common::text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(out.trim(), dir.display().to_string(), "{err}");
+    assert!(
+        err.contains("data-parallel: 2 ranks (mpi), batch 64 per rank = 128 per step"),
+        "{err}"
+    );
+    assert!(common::final_metric(&dir, "eval_accuracy") > 0.9);
+}
