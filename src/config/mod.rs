@@ -174,16 +174,7 @@ impl RunConfig {
 #[cfg(feature = "cuda")]
 fn cuda_device(n: usize, by_rank: bool) -> crate::Result<candle_core::Device> {
     let n = match (by_rank, crate::dist::launched_world()) {
-        (true, Some(_)) => {
-            let local: usize = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let gpus = candle_core::cuda::cudarc::driver::CudaContext::device_count()
-                .map_err(|e| crate::Error::Config(format!("run.device = \"cuda\": {e:?}")))?
-                .max(1) as usize;
-            local % gpus
-        }
+        (true, Some((rank, _, _))) => crate::dist::rank_gpu(rank)?,
         _ => n,
     };
     candle_core::Device::new_cuda(n).map_err(|e| {

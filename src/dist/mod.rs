@@ -98,6 +98,26 @@ pub fn launched_world() -> Option<(usize, usize, usize)> {
     Some((rank, world, local.max(1)))
 }
 
+/// The GPU of a rank: its rank among the ranks on its machine (`rank` when the launcher does
+/// not say) modulo the GPUs visible, so that N ranks on an N-GPU machine use them all.
+#[cfg(feature = "cuda")]
+pub fn rank_gpu(rank: usize) -> Result<usize> {
+    let local = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(rank);
+    let gpus = candle_core::cuda::cudarc::driver::CudaContext::device_count()
+        .map_err(|e| Error::Config(format!("counting the GPUs failed: {e:?}")))?
+        as usize;
+    if gpus == 0 {
+        return Err(Error::Config(
+            "no GPU is visible; set run.device = \"cpu\" (and dist.backend = \"mpi\" for CPU ranks)"
+                .into(),
+        ));
+    }
+    Ok(local % gpus)
+}
+
 /// The communicator `cfg` asks for. `auto` means MPI when this process was started by
 /// `mpirun` (or `wick launch`) with more than one rank, else local.
 pub fn init(cfg: &DistConfig) -> Result<Arc<dyn Communicator>> {

@@ -51,9 +51,8 @@ struct State {
     token: Box<u64>,
     /// Tokens received, one slot per peer.
     arrived: Vec<u64>,
-    /// Send buffers for the reductions (MPI has no portable in-place constant in the crate).
-    send_f32: Vec<f32>,
-    send_f64: Vec<f64>,
+    /// The send copy of in-place f32 all-reduces.
+    send: Vec<f32>,
     /// The standing receive for pings from any peer, and its buffer.
     ping: ffi::MPI_Request,
     ping_in: Box<u64>,
@@ -120,8 +119,7 @@ impl Mpi {
             seq: 0,
             token: Box::new(0),
             arrived: vec![0; world as usize],
-            send_f32: Vec::new(),
-            send_f64: Vec::new(),
+            send: Vec::new(),
             ping: null_request(),
             ping_in: Box::new(0),
             ping_out: Box::new(0),
@@ -258,6 +256,84 @@ impl Mpi {
     }
 }
 
+/// The element types wick's collectives carry, with their MPI datatypes.
+trait Element: Copy {
+    fn datatype() -> ffi::MPI_Datatype;
+}
+
+impl Element for f32 {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: a constant handle.
+        unsafe { ffi::RSMPI_FLOAT }
+    }
+}
+
+impl Element for f64 {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: a constant handle.
+        unsafe { ffi::RSMPI_DOUBLE }
+    }
+}
+
+impl Element for u8 {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: a constant handle.
+        unsafe { ffi::RSMPI_UINT8_T }
+    }
+}
+
+/// An element count as MPI takes it.
+fn count(len: usize) -> Result<c_int> {
+    c_int::try_from(len).map_err(|_| {
+        Error::Dist(format!(
+            "a collective of {len} values is over MPI's limit of {} per call",
+            c_int::MAX
+        ))
+    })
+}
+
+impl Mpi {
+    /// Element-wise sum of every rank's `send` into `recv`.
+    fn all_reduce_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        assert_eq!(
+            send.len(),
+            recv.len(),
+            "all-reduce buffers differ in length"
+        );
+        let n = count(recv.len())?;
+        let mut st = self.lock();
+        // SAFETY: both buffers are borrowed for the whole collective.
+        self.collective(&mut st, "all-reduce", |req| unsafe {
+            ffi::MPI_Iallreduce(
+                send.as_ptr() as *const c_void,
+                recv.as_mut_ptr() as *mut c_void,
+                n,
+                T::datatype(),
+                ffi::RSMPI_SUM,
+                world_comm(),
+                req,
+            )
+        })
+    }
+
+    /// `root`'s `buf` on every rank.
+    fn broadcast_of<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        let n = count(buf.len())?;
+        let mut st = self.lock();
+        // SAFETY: the buffer is borrowed for the whole collective.
+        self.collective(&mut st, "broadcast", |req| unsafe {
+            ffi::MPI_Ibcast(
+                buf.as_mut_ptr() as *mut c_void,
+                n,
+                T::datatype(),
+                root as c_int,
+                world_comm(),
+                req,
+            )
+        })
+    }
+}
+
 /// Posts the standing receive for pings.
 fn post_ping_receive(st: &mut State) -> Result<()> {
     // SAFETY: `ping_in` is boxed in the state, which outlives the request (it is cancelled
@@ -369,81 +445,32 @@ impl Communicator for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let mut send = std::mem::take(&mut self.lock().send_f32);
+        // MPI's send and receive buffers must differ: a copy, into a buffer kept between calls
+        // (a fresh 45 MB one costs as much again in page faults).
+        let mut send = std::mem::take(&mut self.lock().send);
         send.clear();
         send.extend_from_slice(buf);
-        let res = self.all_reduce_sum_into(&send, buf);
-        self.lock().send_f32 = send;
+        let res = self.all_reduce_into(&send, buf);
+        self.lock().send = send;
         res
     }
 
     fn all_reduce_sum_into(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        assert_eq!(
-            send.len(),
-            recv.len(),
-            "all-reduce buffers differ in length"
-        );
-        let mut st = self.lock();
-        self.collective(&mut st, "all-reduce", |req| unsafe {
-            ffi::MPI_Iallreduce(
-                send.as_ptr() as *const c_void,
-                recv.as_mut_ptr() as *mut c_void,
-                recv.len() as c_int,
-                ffi::RSMPI_FLOAT,
-                ffi::RSMPI_SUM,
-                world_comm(),
-                req,
-            )
-        })
+        self.all_reduce_into(send, recv)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let mut send = std::mem::take(&mut st.send_f64);
-        send.clear();
-        send.extend_from_slice(buf);
-        let res = self.collective(st, "all-reduce", |req| unsafe {
-            ffi::MPI_Iallreduce(
-                send.as_ptr() as *const c_void,
-                buf.as_mut_ptr() as *mut c_void,
-                buf.len() as c_int,
-                ffi::RSMPI_DOUBLE,
-                ffi::RSMPI_SUM,
-                world_comm(),
-                req,
-            )
-        });
-        st.send_f64 = send;
-        res
+        // MPI's send and receive buffers must differ (metrics: a few values).
+        let send = buf.to_vec();
+        self.all_reduce_into(&send, buf)
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        let mut st = self.lock();
-        self.collective(&mut st, "broadcast", |req| unsafe {
-            ffi::MPI_Ibcast(
-                buf.as_mut_ptr() as *mut c_void,
-                buf.len() as c_int,
-                ffi::RSMPI_FLOAT,
-                root as c_int,
-                world_comm(),
-                req,
-            )
-        })
+        self.broadcast_of(buf, root)
     }
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        let mut st = self.lock();
-        self.collective(&mut st, "broadcast", |req| unsafe {
-            ffi::MPI_Ibcast(
-                buf.as_mut_ptr() as *mut c_void,
-                buf.len() as c_int,
-                ffi::RSMPI_UINT8_T,
-                root as c_int,
-                world_comm(),
-                req,
-            )
-        })
+        self.broadcast_of(buf, root)
     }
 
     fn barrier(&self) -> Result<()> {

@@ -33,9 +33,45 @@ pub struct Nccl {
 struct Inner {
     comm: Comm,
     stream: Arc<CudaStream>,
+    bufs: DeviceBuffers,
+}
+
+/// Device buffers kept between collectives, one per element type.
+#[derive(Default)]
+struct DeviceBuffers {
     f32s: Option<CudaSlice<f32>>,
     f64s: Option<CudaSlice<f64>>,
     bytes: Option<CudaSlice<u8>>,
+}
+
+/// An element type the communicator carries, and its buffer.
+trait Element: DeviceRepr + ValidAsZeroBits + NcclType + Copy {
+    fn slot(bufs: &mut DeviceBuffers) -> &mut Option<CudaSlice<Self>>;
+}
+
+impl Element for f32 {
+    fn slot(bufs: &mut DeviceBuffers) -> &mut Option<CudaSlice<Self>> {
+        &mut bufs.f32s
+    }
+}
+
+impl Element for f64 {
+    fn slot(bufs: &mut DeviceBuffers) -> &mut Option<CudaSlice<Self>> {
+        &mut bufs.f64s
+    }
+}
+
+impl Element for u8 {
+    fn slot(bufs: &mut DeviceBuffers) -> &mut Option<CudaSlice<Self>> {
+        &mut bufs.bytes
+    }
+}
+
+/// The two collectives everything else is built from.
+#[derive(Clone, Copy)]
+enum Collective {
+    Sum,
+    Broadcast(usize),
 }
 
 // SAFETY: the NCCL communicator and its stream are only used under `inner`'s lock, one call at
@@ -74,18 +110,7 @@ impl Nccl {
             }
             None => env_world()?,
         };
-        let local = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(rank);
-        let gpus = candle_core::cuda::cudarc::driver::CudaContext::device_count()
-            .map_err(|e| cuda_err("device count", e))? as usize;
-        if gpus == 0 {
-            return Err(Error::Config(
-                "dist.backend = \"nccl\" but no GPU is visible; use dist.backend = \"mpi\" for CPU ranks".into(),
-            ));
-        }
-        let device = candle_core::Device::new_cuda(local % gpus)?;
+        let device = candle_core::Device::new_cuda(super::rank_gpu(rank)?)?;
         let stream = device.as_cuda_device()?.cuda_stream();
 
         let mut id_bytes = [0u8; 128];
@@ -131,9 +156,7 @@ impl Nccl {
             inner: Mutex::new(Inner {
                 comm,
                 stream,
-                f32s: None,
-                f64s: None,
-                bytes: None,
+                bufs: DeviceBuffers::default(),
             }),
             #[cfg(feature = "mpi")]
             _mpi: mpi,
@@ -142,6 +165,23 @@ impl Nccl {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op` on `buf` through the device buffer of its element type.
+    fn run<T: Element>(&self, buf: &mut [T], op: Collective) -> Result<()> {
+        let mut g = self.lock();
+        let Inner { comm, stream, bufs } = &mut *g;
+        through_device(stream, T::slot(bufs), buf, |d| {
+            match op {
+                Collective::Sum => comm
+                    .all_reduce_in_place(d, &ReduceOp::Sum)
+                    .map_err(|e| nccl_err("all-reduce", e)),
+                Collective::Broadcast(root) => comm
+                    .broadcast_in_place(d, root as i32)
+                    .map_err(|e| nccl_err("broadcast", e)),
+            }
+            .map(|_| ())
+        })
     }
 }
 
@@ -197,7 +237,7 @@ fn exchange_id(file: &Path, rank: usize, id: &mut [u8; 128], timeout_s: f64) -> 
 }
 
 /// Copies `buf` to the device buffer in `slot` (grown as needed), runs `op` on it, copies back.
-fn through_device<T: DeviceRepr + ValidAsZeroBits + NcclType + Copy>(
+fn through_device<T: Element>(
     stream: &Arc<CudaStream>,
     slot: &mut Option<CudaSlice<T>>,
     buf: &mut [T],
@@ -238,54 +278,19 @@ impl Communicator for Nccl {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let mut g = self.lock();
-        let Inner {
-            comm, stream, f32s, ..
-        } = &mut *g;
-        through_device(stream, f32s, buf, |d| {
-            comm.all_reduce_in_place(d, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(|e| nccl_err("all-reduce", e))
-        })
+        self.run(buf, Collective::Sum)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let mut g = self.lock();
-        let Inner {
-            comm, stream, f64s, ..
-        } = &mut *g;
-        through_device(stream, f64s, buf, |d| {
-            comm.all_reduce_in_place(d, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(|e| nccl_err("all-reduce", e))
-        })
+        self.run(buf, Collective::Sum)
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        let mut g = self.lock();
-        let Inner {
-            comm, stream, f32s, ..
-        } = &mut *g;
-        through_device(stream, f32s, buf, |d| {
-            comm.broadcast_in_place(d, root as i32)
-                .map(|_| ())
-                .map_err(|e| nccl_err("broadcast", e))
-        })
+        self.run(buf, Collective::Broadcast(root))
     }
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        let mut g = self.lock();
-        let Inner {
-            comm,
-            stream,
-            bytes,
-            ..
-        } = &mut *g;
-        through_device(stream, bytes, buf, |d| {
-            comm.broadcast_in_place(d, root as i32)
-                .map(|_| ())
-                .map_err(|e| nccl_err("broadcast", e))
-        })
+        self.run(buf, Collective::Broadcast(root))
     }
 
     fn barrier(&self) -> Result<()> {

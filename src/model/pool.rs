@@ -111,6 +111,27 @@ impl CustomOp1 for MaxPool {
     }
 }
 
+/// `x` with `before` and `after` slices of the lowest f32 added along `dim`.
+fn pad_low(x: &Tensor, dim: usize, before: usize, after: usize) -> candle_core::Result<Tensor> {
+    if before + after == 0 {
+        return Ok(x.clone());
+    }
+    let low = |len: usize| {
+        let mut dims = x.dims().to_vec();
+        dims[dim] = len;
+        Tensor::full(f32::MIN, dims, x.device())
+    };
+    let mut parts = Vec::with_capacity(3);
+    if before > 0 {
+        parts.push(low(before)?);
+    }
+    parts.push(x.clone());
+    if after > 0 {
+        parts.push(low(after)?);
+    }
+    Tensor::cat(&parts, dim)
+}
+
 /// [`max_pool2d`] from candle's own differentiable ops, for devices without wick's kernel (a
 /// GPU; candle's pooling has no backward pass for overlapping windows): the maximum, taken
 /// element-wise, of the kernel's `k²` strided views of the input padded with the lowest f32.
@@ -122,33 +143,8 @@ fn max_pool2d_composite(x: &Tensor, spec: PoolSpec) -> candle_core::Result<Tenso
     // Rows (columns) needed: every window start s·t + (0..k), and whole groups of s after each
     // start so that a strided view is a reshape.
     let (need_h, need_w) = (k - 1 + s * oh, k - 1 + s * ow);
-    let low = |dims: (usize, usize, usize, usize)| Tensor::full(f32::MIN, dims, x.device());
-    let mut xp = x.clone();
-    let (top, bottom) = (p, need_h.saturating_sub(h + p));
-    if top + bottom > 0 {
-        let mut parts = Vec::new();
-        if top > 0 {
-            parts.push(low((n, top, w, c))?);
-        }
-        parts.push(xp.clone());
-        if bottom > 0 {
-            parts.push(low((n, bottom, w, c))?);
-        }
-        xp = Tensor::cat(&parts, 1)?;
-    }
-    let hp = xp.dim(1)?;
-    let (left, right) = (p, need_w.saturating_sub(w + p));
-    if left + right > 0 {
-        let mut parts = Vec::new();
-        if left > 0 {
-            parts.push(low((n, hp, left, c))?);
-        }
-        parts.push(xp.clone());
-        if right > 0 {
-            parts.push(low((n, hp, right, c))?);
-        }
-        xp = Tensor::cat(&parts, 2)?;
-    }
+    let xp = pad_low(x, 1, p, need_h.saturating_sub(h + p))?;
+    let xp = pad_low(&xp, 2, p, need_w.saturating_sub(w + p))?;
     let mut y: Option<Tensor> = None;
     for di in 0..k {
         for dj in 0..k {

@@ -342,10 +342,11 @@ impl Trainer {
 
         // Rank 0 decides; under DDP every rank then reads the same checkpoint, which needs the
         // run directory on a filesystem they all see.
-        let mut has = [checkpoint::locate(&run.checkpoint("last")).is_ok() as u8];
+        let here = checkpoint::locate(&run.checkpoint("last")).is_ok();
+        let mut has = [here as u8];
         comm.broadcast_bytes(&mut has, 0)?;
         let has_checkpoint = has[0] == 1;
-        if resume && has_checkpoint && checkpoint::locate(&run.checkpoint("last")).is_err() {
+        if resume && has_checkpoint && !here {
             return Err(Error::Checkpoint(format!(
                 "rank {} cannot read {}: resuming a data-parallel run needs its run directory on a filesystem every rank sees",
                 comm.rank(),
