@@ -22,7 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         names: vec!["g".into()],
         bufs: vec![buf.clone()],
     };
-    let iters = 10;
+    // About a second of work at 2 GB/s, at least 10 rounds.
+    let iters = ((2e9 / (n.max(1) * 4) as f64) as usize).clamp(10, 20_000);
     // Warm-up, then time.
     comm.all_reduce_sum(&mut buf)?;
     comm.barrier()?;
@@ -45,10 +46,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dst.copy_from_slice(std::hint::black_box(&src));
     }
     let copy = t.elapsed().as_secs_f64() / iters as f64;
+    // The latency floor: an all-reduce of two f64 (the trainer's per-step stop vote).
+    let mut votes = [0f64; 2];
+    comm.barrier()?;
+    let t = Instant::now();
+    for _ in 0..1000 {
+        comm.all_reduce_sum_f64(&mut votes)?;
+    }
+    let tiny = t.elapsed().as_secs_f64() / 1000.0;
     if comm.rank() == 0 {
         let bytes = (n * 4) as f64;
         println!(
-            "{} ranks, {:.1} MB of f32:\n  all-reduce, one buffer   {:8.2} ms  {:6.2} GB/s\n  all-reduce, 25 MB buckets {:7.2} ms  {:6.2} GB/s\n  memcpy                   {:8.2} ms  {:6.2} GB/s",
+            "{} ranks, {:.1} MB of f32:\n  all-reduce, one buffer   {:8.2} ms  {:6.2} GB/s\n  all-reduce, 25 MB buckets {:7.2} ms  {:6.2} GB/s\n  memcpy                   {:8.2} ms  {:6.2} GB/s\n  all-reduce of 2 f64      {:8.4} ms",
             comm.world(),
             bytes / 1e6,
             one * 1e3,
@@ -56,7 +65,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             bucketed * 1e3,
             bytes / bucketed / 1e9,
             copy * 1e3,
-            bytes / copy / 1e9
+            bytes / copy / 1e9,
+            tiny * 1e3
         );
     }
     Ok(())

@@ -59,10 +59,10 @@ fn max_abs_diff(a: &Path, b: &Path) -> f32 {
     worst
 }
 
-/// Trains `config` with `sets` on one rank × `2b` and two ranks × `b`; returns the largest
-/// weight difference, and each run's steps.
+/// Trains `config` with `sets` on one rank × `2b` and two ranks × `b` (with `env` set);
+/// returns the largest weight difference, and each run's steps.
 #[cfg(feature = "mpi")]
-fn one_vs_two(config: &str, b: usize, sets: &[&str]) -> (f32, u64, u64) {
+fn one_vs_two(config: &str, b: usize, sets: &[&str], env: &[(&str, &str)]) -> (f32, u64, u64) {
     let tmp = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["--threads".into(), "1".into(), "--quiet".into()];
     for s in sets {
@@ -80,6 +80,7 @@ fn one_vs_two(config: &str, b: usize, sets: &[&str]) -> (f32, u64, u64) {
     assert!(o.status.success(), "1 rank failed:\n{out}\n{err}");
     let two = tmp.path().join("two");
     let o = launch(2)
+        .envs(env.iter().copied())
         .args(["train", config, "--run-dir"])
         .arg(&two)
         .args(&args)
@@ -101,14 +102,23 @@ fn two_ranks_of_32_match_one_rank_of_64_on_the_digits_mlp() {
     std::env::set_current_dir(common::root()).unwrap();
     // 1,437 training rows: 22 full batches of 64 per epoch (drop_last keeps every step a
     // full 64 = 2 × 32), 3 epochs = 66 optimizer steps.
-    let (d, s1, s2) = one_vs_two(
-        "configs/digits_mlp.toml",
-        32,
-        &["train.epochs=3", "train.drop_last=true"],
-    );
+    let sets = ["train.epochs=3", "train.drop_last=true"];
+    let (d, s1, s2) = one_vs_two("configs/digits_mlp.toml", 32, &sets, &[]);
     assert_eq!((s1, s2), (66, 66));
     eprintln!("digits MLP: max |w1 - w2| = {d:e} after {s1} steps");
     assert!(d <= 1e-5, "max abs weight difference {d}");
+    // The same through MPI's own all-reduce instead of the shared-memory window: each sum
+    // is one addition of two values either way, so the weights are the same.
+    let (d_mpi, _, _) = one_vs_two(
+        "configs/digits_mlp.toml",
+        32,
+        &sets,
+        &[("WICK_MPI_SHM", "0")],
+    );
+    assert_eq!(
+        d_mpi, d,
+        "shared memory and MPI messages give different weights"
+    );
 }
 
 #[cfg(feature = "mpi")]
@@ -146,6 +156,7 @@ fn two_ranks_match_one_on_a_resnet_with_a_frozen_backbone() {
             "train.eval_every=4",
             "optim.lr=3e-3",
         ],
+        &[],
     );
     assert_eq!((s1, s2), (60, 60));
     eprintln!("ResNet: max |w1 - w2| = {d:e} after {s1} steps");

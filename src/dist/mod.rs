@@ -17,6 +17,8 @@ pub mod local;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+#[cfg(feature = "mpi")]
+pub mod shm;
 
 use std::sync::Arc;
 

@@ -18,6 +18,7 @@ use mpi::environment::Universe;
 use mpi::ffi;
 use mpi::Threading;
 
+use super::shm::Shm;
 use super::Communicator;
 use crate::{Error, Result};
 
@@ -30,6 +31,10 @@ const PING_TAG: c_int = 0x5718;
 const PONG_TAG: c_int = 0x5719;
 /// How long a rank waits for the answers to its pings.
 const PING_GRACE: Duration = Duration::from_secs(2);
+/// The largest all-reduce (f32 values, 4 MB) that goes through shared memory. Above it both
+/// paths run at memory bandwidth (8 MB: 2.4 ms either way; 45 MB: 18 ms against 17 ms), and
+/// MPI's needs no window as large as the buffer.
+const SHM_MAX: usize = 1 << 20;
 /// Polls before the waiting rank starts to sleep between polls.
 const SPIN_POLLS: u32 = 20_000;
 
@@ -60,6 +65,8 @@ struct State {
     ping_out: Box<u64>,
     /// Answers received, one slot per peer.
     pongs: Vec<u64>,
+    /// The shared-memory all-reduce of f32, when every rank is on this machine.
+    shm: Option<Shm>,
 }
 
 // SAFETY: every MPI call goes through `state`'s lock, and MPI is initialised with
@@ -124,6 +131,7 @@ impl Mpi {
             ping_in: Box::new(0),
             ping_out: Box::new(0),
             pongs: vec![0; world as usize],
+            shm: Shm::new(world_comm(), rank as usize, world as usize)?,
         };
         post_ping_receive(&mut st)?;
         Ok(Self {
@@ -316,6 +324,24 @@ impl Mpi {
         })
     }
 
+    /// The all-reduce through shared memory ([`Shm`]), or `None` when the ranks are not all on
+    /// this machine or the buffer is over [`SHM_MAX`].
+    fn shm_all_reduce(&self, send: Option<&[f32]>, recv: &mut [f32]) -> Option<Result<()>> {
+        if recv.len() > SHM_MAX {
+            return None;
+        }
+        let mut st = self.lock();
+        let mut shm = st.shm.take()?;
+        let res = shm.all_reduce(send, recv, &mut || {
+            // SAFETY: a barrier has no buffers.
+            self.collective(&mut st, "all-reduce", |req| unsafe {
+                ffi::MPI_Ibarrier(world_comm(), req)
+            })
+        });
+        st.shm = Some(shm);
+        Some(res)
+    }
+
     /// `root`'s `buf` on every rank.
     fn broadcast_of<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         let n = count(buf.len())?;
@@ -423,6 +449,8 @@ fn wait(st: &mut State, reqs: &mut [ffi::MPI_Request], limit: Duration) -> Resul
 impl Drop for Mpi {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        // The window is freed before MPI_Finalize (when `_universe` drops).
+        st.shm = None;
         // SAFETY: cancels and completes the standing ping receive before MPI_Finalize.
         unsafe {
             ffi::MPI_Cancel(&mut st.ping);
@@ -445,6 +473,9 @@ impl Communicator for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        if let Some(res) = self.shm_all_reduce(None, buf) {
+            return res;
+        }
         // MPI's send and receive buffers must differ: a copy, into a buffer kept between calls
         // (a fresh 45 MB one costs as much again in page faults).
         let mut send = std::mem::take(&mut self.lock().send);
@@ -456,6 +487,9 @@ impl Communicator for Mpi {
     }
 
     fn all_reduce_sum_into(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        if let Some(res) = self.shm_all_reduce(Some(send), recv) {
+            return res;
+        }
         self.all_reduce_into(send, recv)
     }
 
