@@ -111,6 +111,11 @@ fn out_of_range_values_are_rejected() {
         e.contains("`train.batch_size` = 0: expected a positive batch size"),
         "{e}"
     );
+    let e = fails(OK_DATA, &["--set", "train.save_every=0"]);
+    assert!(
+        e.contains("`train.save_every` = 0: expected a positive number of epochs"),
+        "{e}"
+    );
     let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);
     assert!(e.contains("`model.dropout` = 1.5"), "{e}");
     let e = fails(OK_DATA, &["--set", "train.monitor=\"eval_acc\""]);

@@ -540,8 +540,11 @@ pub struct TrainConfig {
     /// classification, `eval_loss` for regression.
     pub monitor: Option<String>,
     pub early_stopping: Option<EarlyStoppingConfig>,
-    /// Also save `last` every N optimizer steps (0: only at the end of each epoch).
+    /// Also save `last` every N optimizer steps (0: only at the end of epochs).
     pub checkpoint_every: usize,
+    /// Save `last` at the end of every N epochs (and always after the last epoch and when
+    /// stopping early), as Lightning's `every_n_epochs`.
+    pub save_every: usize,
     /// Drop the last incomplete batch of each epoch.
     pub drop_last: bool,
     /// Log a progress line every N optimizer steps when stderr is not a terminal.
@@ -562,6 +565,7 @@ impl Default for TrainConfig {
             monitor: None,
             early_stopping: None,
             checkpoint_every: 0,
+            save_every: 1,
             drop_last: false,
             log_every: 50,
             cache_features: true,

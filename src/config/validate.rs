@@ -378,6 +378,13 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "a positive number of epochs, e.g. 1",
         );
     }
+    if t.save_every == 0 {
+        return bad(
+            "train.save_every",
+            "0".into(),
+            "a positive number of epochs, e.g. 1",
+        );
+    }
     if let Some(mon) = &t.monitor {
         let valid = monitor_names(cfg.data.task);
         if !valid.contains(&mon.as_str()) {

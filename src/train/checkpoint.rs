@@ -88,41 +88,124 @@ pub fn save(
     opt: &Optimizer,
     state: &TrainerState,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .ok_or_else(|| Error::Checkpoint(format!("{}: no parent directory", dir.display())))?;
-    if !parent.exists() {
-        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        if let Some(run) = parent.parent() {
-            sync_dir(run)?;
+    Snapshot::capture(store, params, opt, state)?.write(dir)
+}
+
+/// A checkpoint's three files, serialized in memory: what training state was at one moment,
+/// ready to be written while training goes on.
+pub struct Snapshot {
+    model: Vec<u8>,
+    optim: Vec<u8>,
+    state: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Serializes the weights, the optimizer state and the trainer state as they are now.
+    pub fn capture(
+        store: &ParamStore,
+        params: &[Param],
+        opt: &Optimizer,
+        state: &TrainerState,
+    ) -> Result<Self> {
+        Ok(Self {
+            model: store.to_safetensors()?,
+            optim: tensors_to_safetensors(&opt.state_tensors(params)?)?,
+            state: serde_json::to_string_pretty(state)
+                .expect("state serializes")
+                .into_bytes(),
+        })
+    }
+
+    /// Writes the checkpoint directory `dir` atomically: in full to a temporary directory
+    /// (each file fsynced), then swapped in by renames.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let parent = dir
+            .parent()
+            .ok_or_else(|| Error::Checkpoint(format!("{}: no parent directory", dir.display())))?;
+        if !parent.exists() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            if let Some(run) = parent.parent() {
+                sync_dir(run)?;
+            }
         }
-    }
-    let name = dir.file_name().unwrap().to_string_lossy().to_string();
-    let tmp = parent.join(format!(".{name}.tmp"));
-    let old = parent.join(format!(".{name}.old"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write_atomic(&tmp.join(MODEL_FILE), &store.to_safetensors()?)?;
-    write_atomic(
-        &tmp.join(OPTIM_FILE),
-        &tensors_to_safetensors(&opt.state_tensors(params)?)?,
-    )?;
-    let json = serde_json::to_string_pretty(state).expect("state serializes");
-    write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-    if dir.exists() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let tmp = parent.join(format!(".{name}.tmp"));
+        let old = parent.join(format!(".{name}.old"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        write_atomic(&tmp.join(MODEL_FILE), &self.model)?;
+        write_atomic(&tmp.join(OPTIM_FILE), &self.optim)?;
+        write_atomic(&tmp.join(STATE_FILE), &self.state)?;
+        if dir.exists() {
+            if old.exists() {
+                fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        sync_dir(parent)?;
         if old.exists() {
             fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
-        fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        Ok(())
     }
-    fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    sync_dir(parent)?;
-    if old.exists() {
-        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+}
+
+/// Writes checkpoints on a background thread, as PyTorch's `async_save` does, so that the
+/// files and fsyncs (milliseconds for a small model, a second or more for a large one) do not
+/// stall training, nor, under data parallelism, the ranks that wait for rank 0 at the next
+/// all-reduce. The state is captured before [`Checkpointer::save`] returns, so training may
+/// change the weights at once. At most one write is in flight: the next save, or
+/// [`Checkpointer::finish`], waits for it and reports its error. Each write is atomic, so a
+/// crash during one leaves the previous checkpoint whole.
+#[derive(Default)]
+pub struct Checkpointer {
+    pending: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Checkpointer {
+    pub fn new() -> Self {
+        Self::default()
     }
-    Ok(())
+
+    /// Captures the state now and writes it to every directory of `dirs` in the background.
+    pub fn save(
+        &mut self,
+        dirs: &[PathBuf],
+        store: &ParamStore,
+        params: &[Param],
+        opt: &Optimizer,
+        state: &TrainerState,
+    ) -> Result<()> {
+        let snap = Snapshot::capture(store, params, opt, state)?;
+        self.finish()?;
+        let dirs = dirs.to_vec();
+        self.pending = Some(std::thread::spawn(move || {
+            dirs.iter().try_for_each(|d| snap.write(d))
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any, and returns its result.
+    pub fn finish(&mut self) -> Result<()> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(Error::Checkpoint(
+                    "the checkpoint writer thread panicked".into(),
+                ))
+            }),
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // A run that ends with an error still leaves its last checkpoint on disk.
+        let _ = self.finish();
+    }
 }
 
 /// The checkpoint directory to read for `dir`: `dir` itself, or the previous version left by a

@@ -9,7 +9,7 @@ use crate::data::{open_sources, BatchPlan, Dataset, Schema, Source};
 use crate::dist::{ddp, Communicator, GradReducer, Local};
 use crate::model::{self, Grads, Loss, Model, ModelCtx, Param};
 use crate::train::callback::{Callback, Control, EpochEnd, FitStart, StepEnd};
-use crate::train::checkpoint::{self, Best, TrainerState};
+use crate::train::checkpoint::{self, Best, Checkpointer, TrainerState};
 use crate::train::metrics::{self, higher_is_better, Metrics};
 use crate::train::optim::{clip_grad_norm, Optimizer};
 use crate::train::plot;
@@ -87,6 +87,8 @@ struct StepCtx<'a> {
     reducer: &'a mut GradReducer,
     /// Seconds spent in communication so far.
     comm_s: &'a mut f64,
+    /// Rank 0's checkpoint writer.
+    ckpt: &'a mut Checkpointer,
 }
 
 impl StepCtx<'_> {
@@ -173,8 +175,8 @@ impl StepCtx<'_> {
                 && t.checkpoint_every > 0
                 && st.step.is_multiple_of(t.checkpoint_every as u64)
             {
-                checkpoint::save(
-                    &self.run.checkpoint("last"),
+                self.ckpt.save(
+                    &[self.run.checkpoint("last")],
                     &store,
                     self.params,
                     self.opt,
@@ -384,6 +386,7 @@ impl Trainer {
         ddp::broadcast_params(comm.as_ref(), &store.params())?;
         let mut reducer = GradReducer::new(cfg.dist.bucket_mb);
         let mut comm_s = 0f64;
+        let mut ckpt = Checkpointer::new();
 
         let caching = self.model.cached_features().is_some()
             && t.cache_features
@@ -442,6 +445,7 @@ impl Trainer {
                 comm: comm.as_ref(),
                 reducer: &mut reducer,
                 comm_s: &mut comm_s,
+                ckpt: &mut ckpt,
             };
             let first = sc.st.batch;
             let ending = with_prefetch(
@@ -454,7 +458,7 @@ impl Trainer {
             )?;
             if let EpochEnding::Stopped = ending {
                 if main {
-                    checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+                    ckpt.save(&[run.checkpoint("last")], &store, &params, &opt, &st)?;
                 }
                 break;
             }
@@ -523,20 +527,26 @@ impl Trainer {
                     epoch + 1
                 )));
             }
+            stop = st.stopped_early || ctl == Control::Stop;
             if main {
+                let mut dirs = Vec::new();
                 if is_best {
-                    checkpoint::save(&run.checkpoint("best"), &store, &params, &opt, &st)?;
+                    dirs.push(run.checkpoint("best"));
                 }
-                checkpoint::save(&run.checkpoint("last"), &store, &params, &opt, &st)?;
+                if stop || st.epoch == t.epochs || st.epoch.is_multiple_of(t.save_every) {
+                    dirs.push(run.checkpoint("last"));
+                }
+                if !dirs.is_empty() {
+                    ckpt.save(&dirs, &store, &params, &opt, &st)?;
+                }
             }
             if evaluated {
                 last_metrics = m;
             }
-            if st.stopped_early || ctl == Control::Stop {
-                stop = true;
-            }
         }
 
+        // The run is complete only once its checkpoints are on disk.
+        ckpt.finish()?;
         if last_metrics.is_empty() && main {
             if let Some(row) = run
                 .metrics()?
