@@ -1,13 +1,17 @@
 //! wick's TPE through the library API, for `benches/compare/tpe_quality.py`:
 //!
-//! - `quality`: Branin (2-D) and Hartmann6 (6-D), 100 trials × 20 seeds; prints the median best
-//!   value after 25, 50 and 100 trials as JSON;
+//! - `quality [SEEDS [FIRST]]`: Branin (2-D) and Hartmann6 (6-D), 100 trials × SEEDS seeds
+//!   (default 20, from FIRST = 0); prints the median best value after 25, 50 and 100 trials,
+//!   and each seed's, as JSON;
 //! - `overhead N`: a study of N trials of a trivial objective; prints the sampler's mean time
-//!   per trial over the last 50 trials (the cost at that study size) and over all trials.
+//!   per trial over the last 50 trials (the cost at that study size) and over all trials;
+//! - `proposals S` (a history as JSON on stdin: `{"bounds": [[lo, hi], …], "x": [[…], …],
+//!   "values": […]}`): the next point TPE proposes after that history, under sampler seeds
+//!   `0..S`, as JSON, for `benches/compare/tpe_same_history.py`.
 
 use std::time::Instant;
 
-use wick::tune::{Direction, Study, TpeSampler};
+use wick::tune::{Direction, Distribution, FrozenTrial, Study, TpeSampler, TrialState};
 
 /// A named test function and its box bounds.
 type Problem = (&'static str, fn(&[f64]) -> f64, Vec<(f64, f64)>);
@@ -86,6 +90,69 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("proposals") => {
+            let seeds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            let h: serde_json::Value = serde_json::from_reader(std::io::stdin()).unwrap();
+            let f64s = |v: &serde_json::Value| -> Vec<f64> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            let bounds: Vec<Vec<f64>> = h["bounds"].as_array().unwrap().iter().map(f64s).collect();
+            let xs: Vec<Vec<f64>> = h["x"].as_array().unwrap().iter().map(f64s).collect();
+            let values = f64s(&h["values"]);
+            let dists: std::collections::BTreeMap<String, Distribution> = bounds
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let d = Distribution::Float {
+                        low: b[0],
+                        high: b[1],
+                        log: false,
+                        step: None,
+                    };
+                    (format!("x{i}"), d)
+                })
+                .collect();
+            let history: Vec<FrozenTrial> = xs
+                .iter()
+                .zip(&values)
+                .enumerate()
+                .map(|(number, (x, &v))| FrozenTrial {
+                    number,
+                    state: TrialState::Complete,
+                    value: Some(v),
+                    params: (0..x.len()).map(|i| (format!("x{i}"), x[i])).collect(),
+                    distributions: dists.clone(),
+                    intermediate: Default::default(),
+                    rungs: Default::default(),
+                    duration_s: 0.0,
+                })
+                .collect();
+            let proposals: Vec<Vec<f64>> = (0..seeds)
+                .map(|seed| {
+                    let mut study = Study::with_seed(
+                        Direction::Minimize,
+                        Box::new(TpeSampler::new()),
+                        None,
+                        seed,
+                    );
+                    study.trials = history.clone();
+                    let mut t = study.ask();
+                    bounds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| {
+                            t.suggest_float(&format!("x{i}"), b[0], b[1], false)
+                                .unwrap()
+                        })
+                        .collect()
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "proposals": proposals }));
+        }
         Some("overhead") => {
             let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
             let mut study =
@@ -120,18 +187,22 @@ fn main() {
                 ("branin", branin, vec![(-5.0, 10.0), (0.0, 15.0)]),
                 ("hartmann6", hartmann6, vec![(0.0, 1.0); 6]),
             ];
+            // `quality [SEEDS [FIRST]]`: seeds FIRST.. FIRST+SEEDS (default 0..20).
+            let seeds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+            let first: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
             let mut out = serde_json::Map::new();
             for (name, f, bounds) in problems {
-                let off: u64 = std::env::var("TPE_SEED_OFFSET")
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let curves: Vec<Vec<f64>> =
-                    (off..off + 20).map(|s| run(f, &bounds, s, 100)).collect();
+                let curves: Vec<Vec<f64>> = (first..first + seeds)
+                    .map(|s| run(f, &bounds, s, 100))
+                    .collect();
                 let at = |k: usize| median(curves.iter().map(|c| c[k - 1]).collect());
+                let per_seed = |k: usize| curves.iter().map(|c| c[k - 1]).collect::<Vec<f64>>();
                 out.insert(
                     name.into(),
-                    serde_json::json!({"25": at(25), "50": at(50), "100": at(100)}),
+                    serde_json::json!({
+                        "25": at(25), "50": at(50), "100": at(100),
+                        "per_seed": {"25": per_seed(25), "50": per_seed(50), "100": per_seed(100)},
+                    }),
                 );
             }
             println!("{}", serde_json::Value::Object(out));
