@@ -13,7 +13,7 @@
 //! between.
 //!
 //! NCCL does the same between the GPUs of one machine. It is used when every rank of the job is
-//! on one machine (`MPI_Comm_split_type` by shared memory), for all-reduces of up to 4 MB, where
+//! on one machine (`MPI_Comm_split_type` by shared memory), for all-reduces of up to 1 MB, where
 //! the fixed costs of messages dominate; `WICK_MPI_SHM=0` turns it off.
 
 use std::os::raw::{c_int, c_void};
@@ -21,6 +21,7 @@ use std::os::raw::{c_int, c_void};
 use mpi::ffi;
 
 use super::ddp::shard;
+use super::mpi::check;
 use crate::{Error, Result};
 
 /// The environment variable that turns the shared-memory path off (`0`).
@@ -39,16 +40,6 @@ pub struct Shm {
     slots: Vec<*mut f32>,
     /// Which of the two buffers the next all-reduce uses.
     turn: usize,
-}
-
-fn check(what: &str, code: c_int) -> Result<()> {
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(Error::Dist(format!(
-            "MPI {what} failed with error code {code}"
-        )))
-    }
 }
 
 impl Shm {
