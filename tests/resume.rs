@@ -132,3 +132,31 @@ fn killed_with_sigkill_and_resumed_matches_uninterrupted() {
     resume(&cut);
     files_equal(&full, &cut);
 }
+
+#[test]
+fn save_every_keeps_last_at_its_epochs_and_resumes_from_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--set", "train.epochs=5", "--set", "train.save_every=2"];
+    let full = train("configs/digits_mlp.toml", &tmp.path().join("full"), &args);
+    let steps = summary(&full)["steps"].as_u64().unwrap();
+    assert_eq!(steps % 5, 0);
+    let per_epoch = steps / 5;
+    // Stop one step into epoch 5: `last` was saved after epochs 2 and 4, not 3.
+    let cut = tmp.path().join("cut");
+    let o = wick()
+        .args(["train", "configs/digits_mlp.toml", "--quiet", "--run-dir"])
+        .arg(&cut)
+        .args(args)
+        .args(["--abort-after-steps", &(4 * per_epoch + 1).to_string()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the aborted run must fail");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cut.join("checkpoints/last/trainer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["epoch"], 4, "last is the epoch-4 checkpoint");
+    assert_eq!(state["step"], 4 * per_epoch);
+    resume(&cut);
+    files_equal(&full, &cut);
+}

@@ -259,3 +259,63 @@ pub fn load(
     opt.load_state(params, &tensors)?;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OptimConfig;
+
+    /// A store with one 3-value weight, its optimizer, and a trainer state.
+    fn setup() -> (ParamStore, Vec<Param>, Optimizer, TrainerState) {
+        let store = ParamStore::new(7);
+        store
+            .var_builder()
+            .get_with_hints(3, "w", candle_nn::Init::Const(1.5))
+            .unwrap();
+        let params = store.trainable();
+        let opt = Optimizer::new(&OptimConfig::default(), &params);
+        (store, params, opt, TrainerState::new("h", "f", 7))
+    }
+
+    #[test]
+    fn background_saves_capture_the_state_when_called() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, params, opt, mut st) = setup();
+        st.step = 3;
+        let dirs = [tmp.path().join("best"), tmp.path().join("last")];
+        let mut ck = Checkpointer::new();
+        ck.save(&dirs, &store, &params, &opt, &st).unwrap();
+        // Training goes on while the write is in flight.
+        params[0]
+            .var
+            .set(&candle_core::Tensor::new(&[9f32, 9.0, 9.0], &candle_core::Device::Cpu).unwrap())
+            .unwrap();
+        ck.finish().unwrap();
+        for d in &dirs {
+            let (store2, params2, mut opt2, _) = setup();
+            params2[0]
+                .var
+                .set(&candle_core::Tensor::new(&[0f32; 3], &candle_core::Device::Cpu).unwrap())
+                .unwrap();
+            let got = load(d, &store2, &params2, &mut opt2).unwrap();
+            assert_eq!(got.step, 3);
+            assert_eq!(params2[0].var.to_vec1::<f32>().unwrap(), vec![1.5; 3]);
+        }
+    }
+
+    #[test]
+    fn a_failed_background_write_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The checkpoint's parent is a file: the write must fail, and say where.
+        let blocker = tmp.path().join("checkpoints");
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let (store, params, opt, st) = setup();
+        let mut ck = Checkpointer::new();
+        ck.save(&[blocker.join("last")], &store, &params, &opt, &st)
+            .unwrap();
+        let err = ck.finish().unwrap_err().to_string();
+        assert!(err.contains("checkpoints"), "{err}");
+        // The error is reported once; the writer is then idle.
+        ck.finish().unwrap();
+    }
+}
