@@ -133,8 +133,7 @@ fn two_ranks_match_one_on_a_resnet_with_a_frozen_backbone() {
     }
     // A narrow ResNet-18 whose BatchNorm layers are frozen (evaluation mode): training mode
     // would normalise by each rank's own batch statistics, as PyTorch's DDP does without
-    // SyncBatchNorm, which is not the statistics of the global batch. No feature cache: every
-    // step runs the whole network forward on each rank's half of the batch.
+    // SyncBatchNorm, which is not the statistics of the global batch.
     // configs/mnist_transfer.toml with a randomly initialised backbone.
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("resnet.toml");
@@ -144,23 +143,29 @@ fn two_ranks_match_one_on_a_resnet_with_a_frozen_backbone() {
         .filter(|l| !l.starts_with("pretrained"))
         .collect();
     std::fs::write(&config, text.join("\n")).unwrap();
-    let (d, s1, s2) = one_vs_two(
-        config.to_str().unwrap(),
-        32,
-        &[
-            "model.width=8",
-            "model.stages=2",
-            "train.cache_features=false",
-            "train.drop_last=true",
-            "train.epochs=4",
-            "train.eval_every=4",
-            "optim.lr=3e-3",
-        ],
-        &[],
-    );
-    assert_eq!((s1, s2), (60, 60));
-    eprintln!("ResNet: max |w1 - w2| = {d:e} after {s1} steps");
-    assert!(d <= 1e-5, "max abs weight difference {d}");
+    // Without the feature cache, every step runs the whole network forward on each rank's
+    // half of the batch; with it, each rank computes the features of its share of the samples
+    // and both train the head on all of them.
+    for cache in [false, true] {
+        let flag = format!("train.cache_features={cache}");
+        let (d, s1, s2) = one_vs_two(
+            config.to_str().unwrap(),
+            32,
+            &[
+                "model.width=8",
+                "model.stages=2",
+                &flag,
+                "train.drop_last=true",
+                "train.epochs=4",
+                "train.eval_every=4",
+                "optim.lr=3e-3",
+            ],
+            &[],
+        );
+        assert_eq!((s1, s2), (60, 60));
+        eprintln!("ResNet, {flag}: max |w1 - w2| = {d:e} after {s1} steps");
+        assert!(d <= 1e-5, "max abs weight difference {d}");
+    }
 }
 
 /// The PID of rank `rank` of a job whose command line mentions `marker`.

@@ -410,8 +410,10 @@ impl Trainer {
         let cache = match caching {
             true => {
                 let clock = Instant::now();
-                let train = cache_features(self.model.as_ref(), self.train.as_ref())?;
-                let eval = cache_features(self.model.as_ref(), self.eval.as_ref())?;
+                // Each rank computes its share of the features; all ranks get all of them.
+                let train =
+                    cache_features(self.model.as_ref(), self.train.as_ref(), comm.as_ref())?;
+                let eval = cache_features(self.model.as_ref(), self.eval.as_ref(), comm.as_ref())?;
                 st.train_time_s += clock.elapsed().as_secs_f64();
                 Some((train, eval))
             }
@@ -684,27 +686,48 @@ fn stop_before(st: &TrainerState, epochs: usize) -> bool {
 }
 
 /// The model's cached features ([`Model::features`]) of every sample of `ds`, in memory, with
-/// the same targets.
-pub fn cache_features(model: &dyn Model, ds: &dyn Source) -> Result<Dataset> {
+/// the same targets. Each rank of `comm` computes the features of its share of the samples, and
+/// every rank returns all of them (each value comes from one rank, the others add zeros, so the
+/// sum is exact).
+pub fn cache_features(
+    model: &dyn Model,
+    ds: &dyn Source,
+    comm: &dyn Communicator,
+) -> Result<Dataset> {
     let device = model.store().device().clone();
     let dim = model.cached_features().unwrap_or(0);
-    let plan = BatchPlan::sequential(ds.len(), CACHE_BATCH.min(model.eval_batch()).max(1));
-    let mut x = Vec::with_capacity(ds.len() * dim);
+    let n = ds.len();
+    let (lo, hi) = ddp::shard(n, comm.rank(), comm.world());
+    let plan = BatchPlan::sequential_range(lo..hi, CACHE_BATCH.min(model.eval_batch()).max(1));
+    let mut x = vec![0f32; n * dim];
+    let mut at = lo * dim;
     for i in 0..plan.len() {
         let b = plan.batch(ds, i, &device)?;
-        let f = model.features(&b.x, b.mask.as_ref())?;
-        x.extend(f.flatten_all()?.to_vec1::<f32>()?);
+        let f = model.features(&b.x, b.mask.as_ref())?.flatten_all()?;
+        let f = f.to_vec1::<f32>()?;
+        if at + f.len() > hi * dim || f.len() != b.n * dim {
+            return Err(Error::Train(format!(
+                "the model's cached features have {} values for {} samples of width {dim}",
+                f.len(),
+                b.n
+            )));
+        }
+        x[at..at + f.len()].copy_from_slice(&f);
+        at += f.len();
     }
-    if x.len() != ds.len() * dim {
+    if at != hi * dim {
         return Err(Error::Train(format!(
-            "the model's cached features have {} values for {} samples of width {dim}",
-            x.len(),
-            ds.len()
+            "the model's cached features cover {} of {} samples",
+            at / dim.max(1) - lo,
+            hi - lo
         )));
+    }
+    if comm.world() > 1 {
+        comm.all_reduce_sum(&mut x)?;
     }
     Ok(Dataset {
         x,
-        n: ds.len(),
+        n,
         d: dim,
         y: ds.targets()?,
     })
