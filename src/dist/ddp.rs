@@ -128,6 +128,35 @@ pub fn sum_f64(comm: &dyn Communicator, values: &mut [f64]) -> Result<()> {
     Ok(())
 }
 
+/// `n` rows of `width` values computed in shares: `rows` runs on this rank's [`shard`] of
+/// `0..n`, and every rank returns all the rows (the other shares arrive through an all-reduce
+/// over zeros, which is exact). `what` names the values in the error when `rows` returns the
+/// wrong number of them.
+pub fn gather_rows(
+    comm: &dyn Communicator,
+    n: usize,
+    width: usize,
+    what: &str,
+    rows: impl FnOnce(std::ops::Range<usize>) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let (lo, hi) = shard(n, comm.rank(), comm.world());
+    let part = rows(lo..hi)?;
+    if part.len() != (hi - lo) * width {
+        return Err(Error::Train(format!(
+            "the model gave {} {what} for {} rows of width {width}",
+            part.len(),
+            hi - lo
+        )));
+    }
+    if comm.world() == 1 {
+        return Ok(part);
+    }
+    let mut all = vec![0f32; n * width];
+    all[lo * width..hi * width].copy_from_slice(&part);
+    comm.all_reduce_sum(&mut all)?;
+    Ok(all)
+}
+
 /// The part `lo..hi` of `0..n` that rank `rank` of `world` evaluates.
 pub fn shard(n: usize, rank: usize, world: usize) -> (usize, usize) {
     (n * rank / world, n * (rank + 1) / world)

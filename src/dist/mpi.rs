@@ -335,13 +335,18 @@ impl Mpi {
         let mut st = self.lock();
         let mut shm = st.shm.take()?;
         let res = shm.all_reduce(send, recv, &mut || {
-            // SAFETY: a barrier has no buffers.
-            self.collective(&mut st, "all-reduce", |req| unsafe {
-                ffi::MPI_Ibarrier(world_comm(), req)
-            })
+            self.timed_barrier(&mut st, "all-reduce")
         });
         st.shm = Some(shm);
         Some(res)
+    }
+
+    /// A barrier under the collectives' deadline, reported as part of `what`.
+    fn timed_barrier(&self, st: &mut State, what: &str) -> Result<()> {
+        // SAFETY: a barrier has no buffers.
+        self.collective(st, what, |req| unsafe {
+            ffi::MPI_Ibarrier(world_comm(), req)
+        })
     }
 
     /// `root`'s `buf` on every rank.
@@ -511,9 +516,7 @@ impl Communicator for Mpi {
 
     fn barrier(&self) -> Result<()> {
         let mut st = self.lock();
-        self.collective(&mut st, "barrier", |req| unsafe {
-            ffi::MPI_Ibarrier(world_comm(), req)
-        })
+        self.timed_barrier(&mut st, "barrier")
     }
 
     fn abort(&self, code: i32) -> ! {

@@ -178,13 +178,17 @@ impl Shm {
         self.cap = 0;
     }
 
-    /// Makes this rank's stores visible to the others and theirs to this rank.
-    fn sync(&self) -> Result<()> {
-        if let Some(win) = self.win {
+    /// Waits at `barrier` for every rank, with this rank's stores to the window visible to the
+    /// others before it and theirs visible to this rank after it.
+    fn fence(&self, barrier: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let sync = || match self.win {
             // SAFETY: `win` is live and locked.
-            unsafe { check("win_sync", ffi::MPI_Win_sync(win))? };
-        }
-        Ok(())
+            Some(win) => check("win_sync", unsafe { ffi::MPI_Win_sync(win) }),
+            None => Ok(()),
+        };
+        sync()?;
+        barrier()?;
+        sync()
     }
 
     /// Element-wise sum over the ranks of `send` (or of `recv`'s own values when `send` is
@@ -213,9 +217,7 @@ impl Shm {
         // keep the next all-reduce's phase 1 off this one's phase 3 (see the module docs).
         let mine = unsafe { std::slice::from_raw_parts_mut(self.slots[r].add(off), n) };
         mine.copy_from_slice(send.unwrap_or(&*recv));
-        self.sync()?;
-        barrier()?;
-        self.sync()?;
+        self.fence(barrier)?;
         let (lo, hi) = shard(n, r, p);
         // SAFETY: this rank's share of its own slot, which only it writes.
         let acc = unsafe { std::slice::from_raw_parts_mut(self.slots[r].add(off + lo), hi - lo) };
@@ -224,9 +226,7 @@ impl Shm {
             let other = unsafe { std::slice::from_raw_parts(self.slots[q].add(off + lo), hi - lo) };
             acc.iter_mut().zip(other).for_each(|(a, b)| *a += b);
         }
-        self.sync()?;
-        barrier()?;
-        self.sync()?;
+        self.fence(barrier)?;
         for q in 0..p {
             let (lo, hi) = shard(n, q, p);
             // SAFETY: rank q's share of its own slot, final since the second barrier.

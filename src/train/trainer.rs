@@ -611,24 +611,9 @@ fn predict_sharded(
     width: usize,
     comm: &dyn Communicator,
 ) -> Result<Vec<f32>> {
-    let (rank, world) = (comm.rank(), comm.world());
-    if world == 1 {
-        return predict_with(model, ds, cached);
-    }
-    let n = ds.len();
-    let (lo, hi) = ddp::shard(n, rank, world);
-    let part = predict_rows(model, ds, cached, lo..hi)?;
-    if part.len() != (hi - lo) * width {
-        return Err(Error::Train(format!(
-            "the model gave {} outputs for {} rows of width {width}",
-            part.len(),
-            hi - lo
-        )));
-    }
-    let mut all = vec![0f32; n * width];
-    all[lo * width..hi * width].copy_from_slice(&part);
-    comm.all_reduce_sum(&mut all)?;
-    Ok(all)
+    ddp::gather_rows(comm, ds.len(), width, "outputs", |rows| {
+        predict_rows(model, ds, cached, rows)
+    })
 }
 
 /// Model outputs for rows `rows` of `ds`, in evaluation mode.
@@ -697,34 +682,16 @@ pub fn cache_features(
     let device = model.store().device().clone();
     let dim = model.cached_features().unwrap_or(0);
     let n = ds.len();
-    let (lo, hi) = ddp::shard(n, comm.rank(), comm.world());
-    let plan = BatchPlan::sequential_range(lo..hi, CACHE_BATCH.min(model.eval_batch()).max(1));
-    let mut x = vec![0f32; n * dim];
-    let mut at = lo * dim;
-    for i in 0..plan.len() {
-        let b = plan.batch(ds, i, &device)?;
-        let f = model.features(&b.x, b.mask.as_ref())?.flatten_all()?;
-        let f = f.to_vec1::<f32>()?;
-        if at + f.len() > hi * dim || f.len() != b.n * dim {
-            return Err(Error::Train(format!(
-                "the model's cached features have {} values for {} samples of width {dim}",
-                f.len(),
-                b.n
-            )));
+    let x = ddp::gather_rows(comm, n, dim, "cached features", |rows| {
+        let plan = BatchPlan::sequential_range(rows, CACHE_BATCH.min(model.eval_batch()).max(1));
+        let mut x = Vec::new();
+        for i in 0..plan.len() {
+            let b = plan.batch(ds, i, &device)?;
+            let f = model.features(&b.x, b.mask.as_ref())?;
+            x.extend(f.flatten_all()?.to_vec1::<f32>()?);
         }
-        x[at..at + f.len()].copy_from_slice(&f);
-        at += f.len();
-    }
-    if at != hi * dim {
-        return Err(Error::Train(format!(
-            "the model's cached features cover {} of {} samples",
-            at / dim.max(1) - lo,
-            hi - lo
-        )));
-    }
-    if comm.world() > 1 {
-        comm.all_reduce_sum(&mut x)?;
-    }
+        Ok(x)
+    })?;
     Ok(Dataset {
         x,
         n,
