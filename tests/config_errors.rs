@@ -116,6 +116,11 @@ fn out_of_range_values_are_rejected() {
         e.contains("`train.save_every` = 0: expected a positive number of epochs"),
         "{e}"
     );
+    let e = fails(OK_DATA, &["--set", "data.random_shift=2"]);
+    assert!(
+        e.contains("data.random_shift = 2 needs image-shaped samples") && e.contains("iris.csv"),
+        "{e}"
+    );
     let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);
     assert!(e.contains("`model.dropout` = 1.5"), "{e}");
     let e = fails(OK_DATA, &["--set", "train.monitor=\"eval_acc\""]);

@@ -6,8 +6,11 @@
 
 mod common;
 
+#[cfg(feature = "mpi")]
 use std::path::Path;
+#[cfg(feature = "mpi")]
 use std::process::{Child, Command, Stdio};
+#[cfg(feature = "mpi")]
 use std::time::{Duration, Instant};
 
 /// Without the `mpi` feature the tests below do not exist: that must not happen in CI.

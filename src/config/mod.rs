@@ -246,6 +246,9 @@ pub struct DataConfig {
     pub max_len: usize,
     /// Shards of encoded images: the decode/resize/crop/flip/normalize pipeline.
     pub image: crate::data::image::ImageConfig,
+    /// Image-shaped samples: move each training sample by up to this many pixels in each
+    /// direction, zero-filled (torchvision's `RandomCrop(size, padding=N)`); 0 = off.
+    pub random_shift: usize,
 }
 
 impl DataConfig {
@@ -272,6 +275,7 @@ impl Default for DataConfig {
             tokenizer: None,
             max_len: 128,
             image: Default::default(),
+            random_shift: 0,
         }
     }
 }

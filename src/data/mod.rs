@@ -9,6 +9,7 @@ pub mod loader;
 pub mod pack;
 pub mod shard;
 pub mod shardset;
+pub mod shift;
 pub mod source;
 pub mod synthetic;
 pub mod table;
@@ -29,8 +30,40 @@ use crate::{Error, Result};
 pub type Sources = (Box<dyn Source>, Box<dyn Source>, Schema);
 
 /// The training and evaluation sources described by `[data]`, and their schema: a CSV table
-/// (read into memory) or shard directories (memory-mapped).
+/// (read into memory) or shard directories (memory-mapped). With `data.random_shift`, training
+/// batches of image-shaped samples are randomly translated ([`shift`]).
 pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
+    let (train, eval, schema) = open_unshifted(cfg, seed)?;
+    if cfg.random_shift == 0 {
+        return Ok((train, eval, schema));
+    }
+    let shape = match schema.input_shape[..] {
+        [h, w] => [1, h, w],
+        [c, h, w] => [c, h, w],
+        _ => {
+            return Err(Error::Data(format!(
+                "{}: data.random_shift = {} needs image-shaped samples ([height, width] or [channels, height, width]), but the input has shape {:?}; pack the data with its image shape (`wick data pack`), or remove data.random_shift",
+                cfg.path.display(),
+                cfg.random_shift,
+                schema.input_shape
+            )))
+        }
+    };
+    if cfg.random_shift >= shape[1].min(shape[2]) {
+        return Err(Error::Data(format!(
+            "{}: data.random_shift = {} would move {}x{} images out of the frame; use a shift smaller than {}",
+            cfg.path.display(),
+            cfg.random_shift,
+            shape[1],
+            shape[2],
+            shape[1].min(shape[2])
+        )));
+    }
+    let train = Box::new(shift::Shifted::new(train, shape, cfg.random_shift));
+    Ok((train, eval, schema))
+}
+
+fn open_unshifted(cfg: &DataConfig, seed: u64) -> Result<Sources> {
     if !cfg.path.join(shard::MANIFEST).is_file() {
         let (train, eval, schema) = load_split(cfg, seed)?;
         return Ok((Box::new(train), Box::new(eval), schema));
