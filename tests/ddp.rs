@@ -378,3 +378,47 @@ fn plain_mpirun_runs_a_data_parallel_job() {
     );
     assert!(common::final_metric(&dir, "eval_accuracy") > 0.9);
 }
+
+/// The communicator's results, bit for bit on every rank, with 2, 3 and 5 ranks: in-place
+/// sums, sums into another buffer and the DDP reducer's mean over parts of odd lengths, below
+/// the shared-memory limit (2 and 3 ranks: every rank adds all slots; 5: the sum is split
+/// between the ranks) and above it (MPI's all-reduce), with and without the window.
+#[cfg(feature = "mpi")]
+#[test]
+fn all_reduces_give_exact_sums_on_every_rank() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_wick"))
+        .parent()
+        .unwrap()
+        .join("examples/allreduce_bw");
+    // `cargo test` builds the examples (scripts/test.sh runs it that way).
+    if !common::require_asset(
+        exe.is_file(),
+        "target/release/examples/allreduce_bw (cargo build --release --features mpi --example allreduce_bw)",
+    ) {
+        return;
+    }
+    for (np, shm) in [(2, "1"), (3, "1"), (5, "1"), (2, "0")] {
+        let mut c = Command::new("mpirun");
+        if unsafe { libc::geteuid() } == 0 {
+            c.arg("--allow-run-as-root");
+        }
+        let o = c
+            .env("WICK_MPI_SHM", shm)
+            .args([
+                "--oversubscribe",
+                "-np",
+                &np.to_string(),
+                "--bind-to",
+                "none",
+            ])
+            .arg(&exe)
+            .arg("--check")
+            .output()
+            .unwrap();
+        let (out, err) = common::text(&o);
+        assert!(
+            o.status.success() && out.contains(&format!("all-reduce check: {np} ranks ok")),
+            "{np} ranks, WICK_MPI_SHM={shm}:\n{out}\n{err}"
+        );
+    }
+}

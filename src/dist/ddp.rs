@@ -52,11 +52,18 @@ impl GradReducer {
     /// Replaces every gradient by its mean over the ranks. Parameters are packed in order,
     /// a large one split across buckets, so the result does not depend on the bucket size.
     /// Small gradients are copied into the bucket and back (scaled by 1/world); large ones
-    /// are sent from their own buffer and only copied back.
+    /// are sent from their own buffer and only copied back. A backend that can reduce the
+    /// gradient buffers in place ([`Communicator::all_reduce_mean_parts`]: MPI ranks on one
+    /// machine, up to 1 MB) gets them directly.
     pub fn all_reduce_mean(&mut self, comm: &dyn Communicator, grads: &mut Grads) -> Result<()> {
         let world = comm.world();
         if world == 1 {
             return Ok(());
+        }
+        // Ranks on one machine: the gradients go to shared memory and back, no bucket.
+        let mut parts: Vec<&mut [f32]> = grads.bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        if let Some(res) = comm.all_reduce_mean_parts(&mut parts) {
+            return res;
         }
         let inv = 1.0 / world as f32;
         let cap = self.cap;

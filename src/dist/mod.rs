@@ -45,6 +45,13 @@ pub trait Communicator: Send + Sync {
         recv.copy_from_slice(send);
         self.all_reduce_sum(recv)
     }
+    /// Element-wise mean over all ranks of `parts` taken end to end, in place, or `None` when
+    /// this backend has no way to do it without packing them into one buffer (the caller then
+    /// packs buckets). Collective: every rank passes parts of the same lengths.
+    fn all_reduce_mean_parts(&self, parts: &mut [&mut [f32]]) -> Option<Result<()>> {
+        let _ = parts;
+        None
+    }
     /// Element-wise sum over all ranks, in place, in f64 (for metrics and counters).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Every rank receives `root`'s `buf`.

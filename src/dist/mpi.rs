@@ -500,6 +500,21 @@ impl Communicator for Mpi {
         self.all_reduce_into(send, recv)
     }
 
+    fn all_reduce_mean_parts(&self, parts: &mut [&mut [f32]]) -> Option<Result<()>> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if n > SHM_MAX {
+            return None;
+        }
+        let mut st = self.lock();
+        let mut shm = st.shm.take()?;
+        let scale = 1.0 / self.world as f32;
+        let res = shm.all_reduce_parts(parts, scale, &mut || {
+            self.timed_barrier(&mut st, "all-reduce")
+        });
+        st.shm = Some(shm);
+        Some(res)
+    }
+
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
         // MPI's send and receive buffers must differ (metrics: a few values).
         let send = buf.to_vec();
