@@ -19,6 +19,7 @@ not wick's exact random weights). Needs torch, safetensors, scikit-learn and num
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -28,24 +29,8 @@ from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resnet_step import BasicBlock  # noqa: E402 (torchvision's block and names)
 
 
 class Backbone(nn.Module):
@@ -58,7 +43,7 @@ class Backbone(nn.Module):
         self.stages, cin = stages, width
         for s in range(stages):
             c = width << s
-            setattr(self, f"layer{s + 1}", nn.Sequential(Block(cin, c, 1 if s == 0 else 2), Block(c, c, 1)))
+            setattr(self, f"layer{s + 1}", nn.Sequential(BasicBlock(cin, c, 1 if s == 0 else 2), BasicBlock(c, c, 1)))
             cin = c
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
