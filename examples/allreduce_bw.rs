@@ -82,48 +82,75 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The value rank `r` contributes at index `i` in `round`: small integers, so every sum is
-/// exact in f32 whatever the order of addition.
+/// The value rank `r` contributes at index `i` to the all-reduce keyed `key` (every call has
+/// its own key, so two calls that share a buffer of the window never hold the same values).
+/// Whole: small integers, whose sums are exact in f32 in any order, so they can be checked
+/// against a formula. Otherwise fractions, whose sums depend on the order of addition: those
+/// are checked to be the same bits on every rank.
 #[cfg(feature = "mpi")]
-fn value(r: usize, i: usize, round: usize) -> f32 {
-    ((i * 7 + r * 31 + round * 13) % 1000) as f32
+fn value(r: usize, i: usize, key: usize, whole: bool) -> f32 {
+    let v = ((i * 7 + r * 31 + key * 131) % 1021) as f32;
+    if whole {
+        v
+    } else {
+        v * 0.1 + 0.013 * r as f32
+    }
 }
 
 #[cfg(feature = "mpi")]
 fn check(comm: &wick::dist::mpi::Mpi) -> Result<(), Box<dyn std::error::Error>> {
     use wick::dist::Communicator;
     let (rank, world) = (comm.rank(), comm.world());
-    let sum = |i: usize, round: usize| (0..world).map(|r| value(r, i, round)).sum::<f32>();
-    let mine = |n: usize, round: usize| (0..n).map(|i| value(rank, i, round)).collect::<Vec<_>>();
     let inv = 1.0 / world as f32;
     let mut bad = 0usize;
-    let mut expect = |what: &str, got: &[f32], want: &dyn Fn(usize) -> f32| {
-        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want(i).to_bits()) {
+    let mut key = 0usize;
+    // `got` against the exact result (whole values), or against rank 0's bits (fractions).
+    let mut expect = |what: &str, got: &[f32], want: &dyn Fn(usize) -> f32, whole: bool| {
+        let reference: Vec<f32> = if whole {
+            (0..got.len()).map(want).collect()
+        } else {
+            let mut r = got.to_vec();
+            comm.broadcast(&mut r, 0)?;
+            r
+        };
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != reference[i].to_bits()) {
+            let whose = if whole { "expected" } else { "rank 0 has" };
             eprintln!(
-                "rank {rank}: {what}: index {i} is {}, expected {}",
-                got[i],
-                want(i)
+                "rank {rank}: {what}: index {i} is {}, {whose} {}",
+                got[i], reference[i]
             );
             bad += 1;
         }
+        Ok::<(), wick::Error>(())
     };
-    // Parts of the DDP reducer (one model's gradients): odd lengths, an empty one.
+    // Parts of the DDP reducer (one model's gradients): odd lengths, empty ones.
     let small: &[usize] = &[1, 7, 0, 1000, 4099, 3];
-    // Above the shared-memory limit (1 MB): MPI's own all-reduce.
+    // Above the shared-memory limit (1 MB) in all: the reducer packs buckets of 2,500 values
+    // (each all-reduced through the window); the in-place sums use MPI's own all-reduce.
     let large: &[usize] = &[300_001, 5];
+    let empty: &[usize] = &[0, 0];
     for round in 0..6 {
-        for &n in &[1usize, 4096 + 5, 300_001] {
-            let mut buf = mine(n, round);
+        let whole = round != 5;
+        for &n in &[0usize, 1, 4096 + 5, 300_001] {
+            key += 1;
+            let sum = |i: usize| (0..world).map(|r| value(r, i, key, true)).sum::<f32>();
+            let mut buf: Vec<f32> = (0..n).map(|i| value(rank, i, key, whole)).collect();
             comm.all_reduce_sum(&mut buf)?;
-            expect(&format!("in-place sum of {n}"), &buf, &|i| sum(i, round));
-            let send = mine(n, round + 1);
+            expect(&format!("in-place sum of {n}"), &buf, &sum, whole)?;
+            key += 1;
+            let sum = |i: usize| (0..world).map(|r| value(r, i, key, true)).sum::<f32>();
+            let send: Vec<f32> = (0..n).map(|i| value(rank, i, key, whole)).collect();
             let mut recv = vec![f32::NAN; n];
             comm.all_reduce_sum_into(&send, &mut recv)?;
-            expect(&format!("sum of {n} into another buffer"), &recv, &|i| {
-                sum(i, round + 1)
-            });
+            expect(
+                &format!("sum of {n} into another buffer"),
+                &recv,
+                &sum,
+                whole,
+            )?;
         }
-        for lens in [small, large] {
+        for lens in [small, large, empty] {
+            key += 1;
             let mut reducer = wick::dist::GradReducer::new(0.01);
             let mut grads = wick::model::Grads {
                 names: lens.iter().map(|n| format!("p{n}")).collect(),
@@ -133,16 +160,20 @@ fn check(comm: &wick::dist::mpi::Mpi) -> Result<(), Box<dyn std::error::Error>> 
             for &n in lens {
                 grads
                     .bufs
-                    .push((at..at + n).map(|i| value(rank, i, round)).collect());
+                    .push((at..at + n).map(|i| value(rank, i, key, whole)).collect());
                 at += n;
             }
             reducer.all_reduce_mean(comm, &mut grads)?;
             let mut at = 0;
             for (b, &n) in grads.bufs.iter().zip(lens) {
                 let base = at;
-                expect(&format!("reducer mean of a part of {n}"), b, &|i| {
-                    sum(base + i, round) * inv
-                });
+                let mean = |i: usize| {
+                    (0..world)
+                        .map(|r| value(r, base + i, key, true))
+                        .sum::<f32>()
+                        * inv
+                };
+                expect(&format!("reducer mean of a part of {n}"), b, &mean, whole)?;
                 at += n;
             }
         }

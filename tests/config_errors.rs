@@ -118,7 +118,33 @@ fn out_of_range_values_are_rejected() {
     );
     let e = fails(OK_DATA, &["--set", "data.random_shift=2"]);
     assert!(
-        e.contains("data.random_shift = 2 needs image-shaped samples") && e.contains("iris.csv"),
+        e.contains("data.random_shift = 2 needs image-shaped samples, but each sample is a vector of 4 values") && e.contains("iris.csv"),
+        "{e}"
+    );
+    let e = fails(
+        OK_DATA,
+        &[
+            "--set",
+            "data.random_shift=2",
+            "--set",
+            "model.input_shape=[1,2,3]",
+        ],
+    );
+    assert!(
+        e.contains("a [1, 2, 3] image holds 6 values but a sample has 4; fix model.input_shape"),
+        "{e}"
+    );
+    let e = fails(
+        OK_DATA,
+        &[
+            "--set",
+            "data.random_shift=2",
+            "--set",
+            "model.input_shape=[1,2,2]",
+        ],
+    );
+    assert!(
+        e.contains("data.random_shift = 2 would move 2x2 images out of the frame"),
         "{e}"
     );
     let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);

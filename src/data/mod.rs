@@ -30,40 +30,8 @@ use crate::{Error, Result};
 pub type Sources = (Box<dyn Source>, Box<dyn Source>, Schema);
 
 /// The training and evaluation sources described by `[data]`, and their schema: a CSV table
-/// (read into memory) or shard directories (memory-mapped). With `data.random_shift`, training
-/// batches of image-shaped samples are randomly translated ([`shift`]).
+/// (read into memory) or shard directories (memory-mapped).
 pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
-    let (train, eval, schema) = open_unshifted(cfg, seed)?;
-    if cfg.random_shift == 0 {
-        return Ok((train, eval, schema));
-    }
-    let shape = match schema.input_shape[..] {
-        [h, w] => [1, h, w],
-        [c, h, w] => [c, h, w],
-        _ => {
-            return Err(Error::Data(format!(
-                "{}: data.random_shift = {} needs image-shaped samples ([height, width] or [channels, height, width]), but the input has shape {:?}; pack the data with its image shape (`wick data pack`), or remove data.random_shift",
-                cfg.path.display(),
-                cfg.random_shift,
-                schema.input_shape
-            )))
-        }
-    };
-    if cfg.random_shift >= shape[1].min(shape[2]) {
-        return Err(Error::Data(format!(
-            "{}: data.random_shift = {} would move {}x{} images out of the frame; use a shift smaller than {}",
-            cfg.path.display(),
-            cfg.random_shift,
-            shape[1],
-            shape[2],
-            shape[1].min(shape[2])
-        )));
-    }
-    let train = Box::new(shift::Shifted::new(train, shape, cfg.random_shift));
-    Ok((train, eval, schema))
-}
-
-fn open_unshifted(cfg: &DataConfig, seed: u64) -> Result<Sources> {
     if !cfg.path.join(shard::MANIFEST).is_file() {
         let (train, eval, schema) = load_split(cfg, seed)?;
         return Ok((Box::new(train), Box::new(eval), schema));
@@ -171,6 +139,42 @@ fn open_unshifted(cfg: &DataConfig, seed: u64) -> Result<Sources> {
         None => None,
     };
     pair(train, eval, cfg, seed, schema)
+}
+
+/// `train` with `data.random_shift` applied ([`shift`]) to its samples, `shape` images
+/// (`[channels, height, width]`: the data's own shape or `model.input_shape`) of `input_dim`
+/// values; `train` itself when the shift is 0.
+pub fn shift_training(
+    train: Box<dyn Source>,
+    cfg: &DataConfig,
+    shape: Option<[usize; 3]>,
+    input_dim: usize,
+) -> Result<Box<dyn Source>> {
+    let pad = cfg.random_shift;
+    if pad == 0 {
+        return Ok(train);
+    }
+    let dir = cfg.path.display();
+    let Some(shape) = shape else {
+        return Err(Error::Data(format!(
+            "{dir}: data.random_shift = {pad} needs image-shaped samples, but each sample is a vector of {input_dim} values; use shards packed with an image shape or encoded images, set model.input_shape = [channels, height, width], or remove data.random_shift"
+        )));
+    };
+    if shape.iter().product::<usize>() != input_dim {
+        return Err(Error::Data(format!(
+            "{dir}: data.random_shift = {pad}: a {shape:?} image holds {} values but a sample has {input_dim}; fix model.input_shape",
+            shape.iter().product::<usize>()
+        )));
+    }
+    if pad >= shape[1].min(shape[2]) {
+        return Err(Error::Data(format!(
+            "{dir}: data.random_shift = {pad} would move {}x{} images out of the frame; use a shift smaller than {}",
+            shape[1],
+            shape[2],
+            shape[1].min(shape[2])
+        )));
+    }
+    Ok(Box::new(shift::Shifted::new(train, shape, pad)))
 }
 
 /// The evaluation shards of `data.test_path`, which must have the training set's fields.

@@ -64,11 +64,19 @@ impl Source for Shifted {
         aug: Option<Augment>,
         device: &Device,
     ) -> Result<Batch> {
-        let batch = self.inner.gather_augmented(idx, aug, device)?;
         let Some(a) = aug else {
-            return Ok(batch);
+            return self.inner.gather_augmented(idx, aug, device);
         };
+        // Collated on the CPU, shifted, then moved to `device` once.
+        let batch = self.inner.gather_augmented(idx, aug, &Device::Cpu)?;
         let d: usize = self.shape.iter().product();
+        if batch.x.dims() != [idx.len(), d] {
+            return Err(crate::Error::Data(format!(
+                "data.random_shift: samples of {:?} values do not form {:?} images",
+                &batch.x.dims()[1..],
+                self.shape
+            )));
+        }
         let x: Vec<f32> = batch.x.flatten_all()?.to_vec1()?;
         let mut out = vec![0f32; x.len()];
         let span = 2 * self.pad as u64 + 1;
@@ -82,8 +90,10 @@ impl Source for Shifted {
                 shift_image(x, self.shape, dy, dx, o);
             });
         Ok(Batch {
-            x: Tensor::from_vec(out, batch.x.shape(), device)?,
-            ..batch
+            x: Tensor::from_vec(out, (idx.len(), d), device)?,
+            y: batch.y.to_device(device)?,
+            mask: batch.mask.map(|m| m.to_device(device)).transpose()?,
+            n: batch.n,
         })
     }
 

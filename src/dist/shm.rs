@@ -234,6 +234,10 @@ impl Shm {
         barrier: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
         let n: usize = parts.iter().map(|p| p.len()).sum();
+        if n == 0 {
+            // Every rank has the same length: nothing to do, and no window may exist yet.
+            return Ok(());
+        }
         if n > self.cap {
             barrier()?;
             self.reserve(n)?;

@@ -196,6 +196,8 @@ impl Trainer {
     /// Loads the data and builds the model described by `cfg`.
     pub fn from_config(cfg: &Config) -> Result<Self> {
         let (train, eval, schema) = open_sources(&cfg.data, cfg.run.seed)?;
+        let shape = model::sample_shape(&cfg.model, &schema);
+        let train = crate::data::shift_training(train, &cfg.data, shape, schema.input_dim)?;
         let device = cfg.run.candle_device()?;
         let model = model::build(&cfg.model, &schema, cfg.run.seed, &device)?;
         Ok(Self::new(cfg.clone(), model, train, eval, schema))
