@@ -116,37 +116,25 @@ fn out_of_range_values_are_rejected() {
         e.contains("`train.save_every` = 0: expected a positive number of epochs"),
         "{e}"
     );
-    let e = fails(OK_DATA, &["--set", "data.random_shift=2"]);
-    assert!(
-        e.contains("data.random_shift = 2 needs image-shaped samples, but each sample is a vector of 4 values") && e.contains("iris.csv"),
-        "{e}"
-    );
-    let e = fails(
-        OK_DATA,
-        &[
-            "--set",
-            "data.random_shift=2",
-            "--set",
-            "model.input_shape=[1,2,3]",
-        ],
-    );
-    assert!(
-        e.contains("a [1, 2, 3] image holds 6 values but a sample has 4; fix model.input_shape"),
-        "{e}"
-    );
-    let e = fails(
-        OK_DATA,
-        &[
-            "--set",
-            "data.random_shift=2",
-            "--set",
-            "model.input_shape=[1,2,2]",
-        ],
-    );
-    assert!(
-        e.contains("data.random_shift = 2 would move 2x2 images out of the frame"),
-        "{e}"
-    );
+    for (shape, want) in [
+        (
+            None,
+            "data.random_shift = 2 needs image-shaped samples, but each sample is a vector of 4 values",
+        ),
+        (
+            Some("model.input_shape=[1,2,3]"),
+            "a [1, 2, 3] image holds 6 values but a sample has 4; fix model.input_shape",
+        ),
+        (
+            Some("model.input_shape=[1,2,2]"),
+            "data.random_shift = 2 would move 2x2 images out of the frame",
+        ),
+    ] {
+        let mut args = vec!["--set", "data.random_shift=2"];
+        args.extend(shape.iter().flat_map(|s| ["--set", s]));
+        let e = fails(OK_DATA, &args);
+        assert!(e.contains(want) && e.contains("iris.csv"), "{e}");
+    }
     let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);
     assert!(e.contains("`model.dropout` = 1.5"), "{e}");
     let e = fails(OK_DATA, &["--set", "train.monitor=\"eval_acc\""]);

@@ -342,6 +342,16 @@ fn a_data_parallel_run_resumes_exactly() {
     );
 }
 
+/// `mpirun`, allowed to run as root when the tests do.
+#[cfg(feature = "mpi")]
+fn mpirun() -> Command {
+    let mut c = Command::new("mpirun");
+    if unsafe { libc::geteuid() } == 0 {
+        c.arg("--allow-run-as-root");
+    }
+    c
+}
+
 /// `mpirun -np 2 wick train CONFIG`, without `wick launch`: the world comes from OpenMPI's
 /// environment, and rank 0 alone prints the run directory.
 #[cfg(feature = "mpi")]
@@ -350,13 +360,9 @@ fn plain_mpirun_runs_a_data_parallel_job() {
     std::env::set_current_dir(common::root()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("plain");
-    let mut c = Command::new("mpirun");
-    c.current_dir(common::root())
-        .env_remove("RAYON_NUM_THREADS");
-    if unsafe { libc::geteuid() } == 0 {
-        c.arg("--allow-run-as-root");
-    }
-    let o = c
+    let o = mpirun()
+        .current_dir(common::root())
+        .env_remove("RAYON_NUM_THREADS")
         .args(["-np", "2", "--bind-to", "none", env!("CARGO_BIN_EXE_wick")])
         .args([
             "train",
@@ -398,11 +404,7 @@ fn all_reduces_give_exact_sums_on_every_rank() {
         return;
     }
     for (np, shm) in [(2, "1"), (3, "1"), (5, "1"), (2, "0")] {
-        let mut c = Command::new("mpirun");
-        if unsafe { libc::geteuid() } == 0 {
-            c.arg("--allow-run-as-root");
-        }
-        let o = c
+        let o = mpirun()
             .env("WICK_MPI_SHM", shm)
             .args([
                 "--oversubscribe",

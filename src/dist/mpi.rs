@@ -329,14 +329,24 @@ impl Mpi {
     /// The all-reduce through shared memory ([`Shm`]), or `None` when the ranks are not all on
     /// this machine or the buffer is over [`SHM_MAX`].
     fn shm_all_reduce(&self, send: Option<&[f32]>, recv: &mut [f32]) -> Option<Result<()>> {
-        if recv.len() > SHM_MAX {
+        self.with_shm(recv.len(), |shm, barrier| {
+            shm.all_reduce(send, recv, barrier)
+        })
+    }
+
+    /// `f` on the shared-memory window, with the communicator's timed barrier, for an
+    /// all-reduce of `n` values; `None` when there is no window or `n` is over [`SHM_MAX`].
+    fn with_shm(
+        &self,
+        n: usize,
+        f: impl FnOnce(&mut Shm, &mut dyn FnMut() -> Result<()>) -> Result<()>,
+    ) -> Option<Result<()>> {
+        if n > SHM_MAX {
             return None;
         }
         let mut st = self.lock();
         let mut shm = st.shm.take()?;
-        let res = shm.all_reduce(send, recv, &mut || {
-            self.timed_barrier(&mut st, "all-reduce")
-        });
+        let res = f(&mut shm, &mut || self.timed_barrier(&mut st, "all-reduce"));
         st.shm = Some(shm);
         Some(res)
     }
@@ -502,17 +512,10 @@ impl Communicator for Mpi {
 
     fn all_reduce_mean_parts(&self, parts: &mut [&mut [f32]]) -> Option<Result<()>> {
         let n: usize = parts.iter().map(|p| p.len()).sum();
-        if n > SHM_MAX {
-            return None;
-        }
-        let mut st = self.lock();
-        let mut shm = st.shm.take()?;
         let scale = 1.0 / self.world as f32;
-        let res = shm.all_reduce_parts(parts, scale, &mut || {
-            self.timed_barrier(&mut st, "all-reduce")
-        });
-        st.shm = Some(shm);
-        Some(res)
+        self.with_shm(n, |shm, barrier| {
+            shm.all_reduce_parts(parts, scale, barrier)
+        })
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {

@@ -266,13 +266,13 @@ impl Shm {
             let mut at = 0;
             for part in parts.iter_mut() {
                 let (lo, hi) = (at, at + part.len());
-                let slots: Vec<&[f32]> = (0..p).map(|q| slot(q, lo, hi)).collect();
-                if let [s0, s1] = slots[..] {
+                if p == 2 {
                     // Two ranks (the common case) in one vectorisable pass.
-                    for ((v, a), b) in part.iter_mut().zip(s0).zip(s1) {
+                    for ((v, a), b) in part.iter_mut().zip(slot(0, lo, hi)).zip(slot(1, lo, hi)) {
                         *v = (a + b) * scale;
                     }
                 } else {
+                    let slots: Vec<&[f32]> = (0..p).map(|q| slot(q, lo, hi)).collect();
                     for (i, v) in part.iter_mut().enumerate() {
                         let mut sum = slots[0][i];
                         for s in &slots[1..] {
