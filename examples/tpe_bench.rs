@@ -1,13 +1,16 @@
 //! wick's TPE through the library API, for `benches/compare/tpe_quality.py`:
 //!
-//! - `quality [SEEDS [FIRST]]`: Branin (2-D) and Hartmann6 (6-D), 100 trials × SEEDS seeds
-//!   (default 20, from FIRST = 0); prints the median best value after 25, 50 and 100 trials,
-//!   and each seed's, as JSON;
-//! - `overhead N`: a study of N trials of a trivial objective; prints the sampler's mean time
+//! - `quality [SEEDS [FIRST [SAMPLER]]]`: Branin (2-D) and Hartmann6 (6-D), 100 trials × SEEDS
+//!   seeds (default 20, from FIRST = 0); prints the median best value after 25, 50 and 100
+//!   trials, and each seed's, as JSON. SAMPLER is `wick` (`TpeSampler::new()`, the default),
+//!   `optuna` (`TpeSampler::optuna()`, Optuna's defaults) or `univariate`
+//!   (`TpeSampler::univariate()`, as Optuna's `multivariate=False`);
+//! - `overhead N [SAMPLER]`: a study of N trials of a trivial objective; prints the sampler's mean time
 //!   per trial over the last 50 trials (the cost at that study size) and over all trials;
 //! - `proposals S` (a history as JSON on stdin: `{"bounds": [[lo, hi], …], "x": [[…], …],
 //!   "values": […]}`): the next point TPE proposes after that history, under sampler seeds
-//!   `0..S`, as JSON, for `benches/compare/tpe_same_history.py`.
+//!   `0..S`, as JSON, for `benches/compare/tpe_same_history.py`. These use Optuna's defaults
+//!   (`TpeSampler::optuna()`), since the script tests that wick's algorithm is Optuna's.
 
 use std::time::Instant;
 
@@ -48,13 +51,14 @@ fn hartmann6(x: &[f64]) -> f64 {
 }
 
 /// Best-so-far values after each trial.
-fn run(f: fn(&[f64]) -> f64, bounds: &[(f64, f64)], seed: u64, n: usize) -> Vec<f64> {
-    // TPE_UNIVARIATE=1 compares with Optuna's `TPESampler(multivariate=False)`.
-    let sampler = if std::env::var("TPE_UNIVARIATE").is_ok_and(|v| v == "1") {
-        TpeSampler::univariate()
-    } else {
-        TpeSampler::new()
-    };
+fn run(
+    f: fn(&[f64]) -> f64,
+    bounds: &[(f64, f64)],
+    sampler: &TpeSampler,
+    seed: u64,
+    n: usize,
+) -> Vec<f64> {
+    let sampler = sampler.clone();
     let mut study = Study::with_seed(Direction::Minimize, Box::new(sampler), None, seed);
     study
         .optimize(n, |t| {
@@ -84,6 +88,19 @@ fn median(mut v: Vec<f64>) -> f64 {
         v[n / 2]
     } else {
         0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// The sampler a command names: `wick` (the default), `optuna` or `univariate`.
+fn sampler(name: Option<&String>) -> TpeSampler {
+    match name.map(String::as_str) {
+        None | Some("wick") => TpeSampler::new(),
+        Some("optuna") => TpeSampler::optuna(),
+        Some("univariate") => TpeSampler::univariate(),
+        Some(other) => {
+            eprintln!("unknown sampler {other:?}: expected wick, optuna or univariate");
+            std::process::exit(2);
+        }
     }
 }
 
@@ -135,7 +152,7 @@ fn main() {
                 .map(|seed| {
                     let mut study = Study::with_seed(
                         Direction::Minimize,
-                        Box::new(TpeSampler::new()),
+                        Box::new(TpeSampler::optuna()),
                         None,
                         seed,
                     );
@@ -156,7 +173,7 @@ fn main() {
         Some("overhead") => {
             let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
             let mut study =
-                Study::with_seed(Direction::Minimize, Box::new(TpeSampler::new()), None, 0);
+                Study::with_seed(Direction::Minimize, Box::new(sampler(args.get(2))), None, 0);
             let mut times = Vec::with_capacity(n);
             for _ in 0..n {
                 let t0 = Instant::now();
@@ -187,13 +204,14 @@ fn main() {
                 ("branin", branin, vec![(-5.0, 10.0), (0.0, 15.0)]),
                 ("hartmann6", hartmann6, vec![(0.0, 1.0); 6]),
             ];
-            // `quality [SEEDS [FIRST]]`: seeds FIRST.. FIRST+SEEDS (default 0..20).
+            // `quality [SEEDS [FIRST [SAMPLER]]]`: seeds FIRST.. FIRST+SEEDS (default 0..20).
             let seeds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
             let first: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let sampler = sampler(args.get(3));
             let mut out = serde_json::Map::new();
             for (name, f, bounds) in problems {
                 let curves: Vec<Vec<f64>> = (first..first + seeds)
-                    .map(|s| run(f, &bounds, s, 100))
+                    .map(|s| run(f, &bounds, &sampler, s, 100))
                     .collect();
                 let at = |k: usize| median(curves.iter().map(|c| c[k - 1]).collect());
                 let per_seed = |k: usize| curves.iter().map(|c| c[k - 1]).collect::<Vec<f64>>();

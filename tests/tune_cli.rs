@@ -236,6 +236,11 @@ fn bad_search_spaces_name_the_key() {
             "tune.space.\"optim.lrr\"={ float = [0.001, 0.1] }",
             "did you mean `lr`?",
         ),
+        ("tune.tpe.gamma=0.0", "`tune.tpe.gamma` = 0: expected"),
+        (
+            "tune.tpe.n_ei_candidates=0",
+            "`tune.tpe.n_ei_candidates` = 0: expected 1 or more",
+        ),
         (
             "tune.metric=\"eval_acc\"",
             "is not a metric the trainer reports",

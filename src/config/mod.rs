@@ -56,6 +56,33 @@ pub enum PrunerKind {
     Asha,
 }
 
+/// `[tune.tpe]`: the TPE sampler's settings, as Optuna's `TPESampler` arguments. The defaults
+/// are wick's (`TpeSampler::new()`); Optuna's are `n_ei_candidates = 24`, `gamma = 0.1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TpeConfig {
+    /// Trials sampled uniformly before TPE takes over.
+    pub n_startup_trials: usize,
+    /// Points drawn from the good trials' mixture; the best by l(x)/g(x) is proposed.
+    pub n_ei_candidates: usize,
+    /// The share of finished trials in the good group (at most 25 trials).
+    pub gamma: f64,
+    /// Joint kernels over the parameters (Optuna 5's default) instead of one per parameter.
+    pub multivariate: bool,
+}
+
+impl Default for TpeConfig {
+    fn default() -> Self {
+        let s = crate::tune::TpeSampler::new();
+        Self {
+            n_startup_trials: s.n_startup_trials,
+            n_ei_candidates: s.n_ei_candidates,
+            gamma: s.gamma,
+            multivariate: s.multivariate,
+        }
+    }
+}
+
 /// One searched parameter: exactly one of `float`, `int` or `choices`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +110,8 @@ pub struct TuneConfig {
     pub metric: Option<String>,
     pub seed: u64,
     pub sampler: SamplerKind,
+    /// `[tune.tpe]`: settings of the `"tpe"` sampler.
+    pub tpe: TpeConfig,
     pub pruner: PrunerKind,
     /// Trial processes running at once.
     pub workers: usize,
@@ -100,6 +129,7 @@ impl Default for TuneConfig {
             metric: None,
             seed: 0,
             sampler: SamplerKind::Tpe,
+            tpe: TpeConfig::default(),
             pruner: PrunerKind::None,
             workers: 1,
             storage: None,

@@ -55,6 +55,17 @@ impl TuneRun {
                 "{origin}: `tune.workers` = 0: expected 1 or more"
             )));
         }
+        if !(tune.tpe.gamma > 0.0 && tune.tpe.gamma <= 1.0) {
+            return Err(Error::Config(format!(
+                "{origin}: `tune.tpe.gamma` = {}: expected the good group's share of the trials, in (0, 1], e.g. 0.15",
+                tune.tpe.gamma
+            )));
+        }
+        if tune.tpe.n_ei_candidates == 0 {
+            return Err(Error::Config(format!(
+                "{origin}: `tune.tpe.n_ei_candidates` = 0: expected 1 or more, e.g. 64"
+            )));
+        }
         if tune.space.is_empty() {
             return Err(Error::Config(format!(
                 "{origin}: [tune.space] is empty; add e.g. \"optim.lr\" = {{ float = [1e-4, 1e-1], log = true }}"
@@ -162,7 +173,16 @@ impl TuneRun {
 
     fn sampler(&self) -> Box<dyn Sampler> {
         match self.tune.sampler {
-            SamplerKind::Tpe => Box::new(TpeSampler::new()),
+            SamplerKind::Tpe => {
+                let t = &self.tune.tpe;
+                Box::new(TpeSampler {
+                    n_startup_trials: t.n_startup_trials,
+                    n_ei_candidates: t.n_ei_candidates,
+                    gamma: t.gamma,
+                    multivariate: t.multivariate,
+                    ..TpeSampler::new()
+                })
+            }
             SamplerKind::Random => Box::new(RandomSampler),
             SamplerKind::Grid => Box::new(GridSampler::new(&self.space)),
         }
