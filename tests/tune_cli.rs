@@ -253,3 +253,27 @@ fn bad_search_spaces_name_the_key() {
         assert_eq!(msg.trim_end().lines().count(), 1, "{msg}");
     }
 }
+
+#[test]
+fn tpe_settings_reach_the_sampler() {
+    // With every trial in TPE's start-up phase, the study samples exactly as random search
+    // does; with the default 10 start-up trials, the last two trials come from TPE instead.
+    let tmp = tempfile::tempdir().unwrap();
+    let params = |name: &str, extra: &[&str]| {
+        let j = tmp.path().join(name).join("journal.jsonl");
+        let (ok, msg) = tune(&j, &[&SMALL[..], extra].concat());
+        assert!(ok, "{msg}");
+        records(&j)
+            .into_iter()
+            .filter(|r| r["op"] == "start")
+            .map(|r| r["params"].to_string())
+            .collect::<Vec<_>>()
+    };
+    let random = params("random", &["--set", "tune.sampler=\"random\""]);
+    let startup = params("startup", &["--set", "tune.tpe.n_startup_trials=12"]);
+    let tpe = params("tpe", &[]);
+    assert_eq!(random.len(), 12);
+    assert_eq!(startup, random);
+    assert_eq!(tpe[..10], random[..10]);
+    assert_ne!(tpe[10..], random[10..]);
+}
