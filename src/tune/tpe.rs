@@ -470,7 +470,8 @@ fn neighbour_sigmas(mus: &[f64], low: f64, high: f64) -> Vec<f64> {
         return Vec::new();
     }
     let mut order: Vec<usize> = (0..m).collect();
-    order.sort_by(|&a, &b| mus[a].total_cmp(&mus[b]));
+    // Ties by index: the stable order, from the faster unstable sort.
+    order.sort_unstable_by(|&a, &b| mus[a].total_cmp(&mus[b]).then(a.cmp(&b)));
     let mut ext = Vec::with_capacity(m + 2);
     ext.push(low);
     ext.extend(order.iter().map(|&i| mus[i]));
@@ -548,8 +549,8 @@ impl TpeSampler {
             .copied()
             .filter(|t| has(t))
             .collect();
-        below.sort_by_key(|t| t.number);
-        above.sort_by_key(|t| t.number);
+        below.sort_unstable_by_key(|t| t.number);
+        above.sort_unstable_by_key(|t| t.number);
         (below, above, n_finished)
     }
 
