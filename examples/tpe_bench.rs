@@ -4,7 +4,8 @@
 //!   seeds (default 20, from FIRST = 0); prints the median best value after 25, 50 and 100
 //!   trials, and each seed's, as JSON. SAMPLER is `wick` (`TpeSampler::new()`, the default),
 //!   `optuna` (`TpeSampler::optuna()`, Optuna's defaults) or `univariate`
-//!   (`TpeSampler::univariate()`, as Optuna's `multivariate=False`);
+//!   (`TpeSampler::univariate()`, as Optuna's `multivariate=False`), optionally with
+//!   overrides: `optuna,gamma=0.15,candidates=64` (also `startup=`, `prior=`, `clip=`);
 //! - `overhead N [SAMPLER]`: a study of N trials of a trivial objective; prints the sampler's mean time
 //!   per trial over the last 50 trials (the cost at that study size) and over all trials;
 //! - `proposals S` (a history as JSON on stdin: `{"bounds": [[lo, hi], …], "x": [[…], …],
@@ -91,17 +92,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// The sampler a command names: `wick` (the default), `optuna` or `univariate`.
+/// The sampler a command names: `wick` (the default), `optuna` or `univariate`, optionally
+/// followed by overrides, e.g. `optuna,gamma=0.15,candidates=64` (also `startup=N`,
+/// `prior=W`, `clip=0|1`).
 fn sampler(name: Option<&String>) -> TpeSampler {
-    match name.map(String::as_str) {
-        None | Some("wick") => TpeSampler::new(),
+    let spec = name.map(String::as_str).unwrap_or("wick");
+    let mut parts = spec.split(',');
+    let mut s = match parts.next() {
+        Some("wick") => TpeSampler::new(),
         Some("optuna") => TpeSampler::optuna(),
         Some("univariate") => TpeSampler::univariate(),
-        Some(other) => {
-            eprintln!("unknown sampler {other:?}: expected wick, optuna or univariate");
-            std::process::exit(2);
+        other => fail(&format!(
+            "unknown sampler {:?}: expected wick, optuna or univariate",
+            other.unwrap_or_default()
+        )),
+    };
+    for kv in parts {
+        let (k, v) = kv
+            .split_once('=')
+            .unwrap_or_else(|| fail(&format!("{kv:?}: expected key=value")));
+        let num = |v: &str| -> f64 {
+            v.parse()
+                .unwrap_or_else(|_| fail(&format!("{kv:?}: expected a number")))
+        };
+        match k {
+            "gamma" => s.gamma = num(v),
+            "candidates" => s.n_ei_candidates = num(v) as usize,
+            "startup" => s.n_startup_trials = num(v) as usize,
+            "prior" => s.prior_weight = num(v),
+            "clip" => s.consider_magic_clip = num(v) != 0.0,
+            _ => fail(&format!(
+                "unknown setting {k:?}: expected gamma, candidates, startup, prior or clip"
+            )),
         }
     }
+    s
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(2)
 }
 
 fn main() {

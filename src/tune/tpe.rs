@@ -9,8 +9,8 @@
 //! (`benches/compare/tpe_same_history.py`). [`TpeSampler::new`], wick's default, differs in two
 //! numbers chosen on held-out seeds of Branin and Hartmann6 (`docs/PERFORMANCE.md`): a good
 //! group of min(⌈0.15 n⌉, 25) trials and 64 candidates. The larger group keeps more of the
-//! promising region in l(x) early on; the extra candidates cost almost nothing here, since
-//! building the two mixtures dominates a proposal's time.
+//! promising region in l(x) early on; the extra candidates search the acquisition more
+//! sharply, for about 0.1 ms more per proposal at 1,000 trials.
 //!
 //! Departures: random numbers come from wick's keyed generator (so a seed gives a different,
 //! equally reproducible sequence than Optuna's); constraints and multi-objective are not
