@@ -5,7 +5,8 @@
 //!   trials, and each seed's, as JSON. SAMPLER is `wick` (`TpeSampler::new()`, the default),
 //!   `optuna` (`TpeSampler::optuna()`, Optuna's defaults) or `univariate`
 //!   (`TpeSampler::univariate()`, as Optuna's `multivariate=False`), optionally with
-//!   overrides: `optuna,gamma=0.15,candidates=64` (also `startup=`, `prior=`, `clip=`);
+//!   overrides: `optuna,gamma=0.2,candidates=64,ei=1` (also `startup=`, `prior=`, `clip=`,
+//!   `clip_exp=`, `min_bw=`);
 //! - `overhead N [SAMPLER]`: a study of N trials of a trivial objective; prints the sampler's mean time
 //!   per trial over the last 50 trials (the cost at that study size) and over all trials;
 //! - `proposals S` (a history as JSON on stdin: `{"bounds": [[lo, hi], …], "x": [[…], …],
@@ -93,8 +94,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The sampler a command names: `wick` (the default), `optuna` or `univariate`, optionally
-/// followed by overrides, e.g. `optuna,gamma=0.15,candidates=64` (also `startup=N`,
-/// `prior=W`, `clip=0|1`).
+/// followed by overrides, e.g. `optuna,gamma=0.2,candidates=64,ei=1` (also `startup=N`,
+/// `prior=W`, `clip=0|1`, `clip_exp=E`, `min_bw=F`).
 fn sampler(name: Option<&String>) -> TpeSampler {
     let spec = name.map(String::as_str).unwrap_or("wick");
     let mut parts = spec.split(',');
@@ -121,8 +122,11 @@ fn sampler(name: Option<&String>) -> TpeSampler {
             "startup" => s.n_startup_trials = num(v) as usize,
             "prior" => s.prior_weight = num(v),
             "clip" => s.consider_magic_clip = num(v) != 0.0,
+            "clip_exp" => s.magic_clip_exponent = num(v),
+            "min_bw" => s.min_bandwidth_factor = num(v),
+            "ei" => s.ei_weights = num(v) != 0.0,
             _ => fail(&format!(
-                "unknown setting {k:?}: expected gamma, candidates, startup, prior or clip"
+                "unknown setting {k:?}: expected gamma, candidates, ei, startup, prior, clip, clip_exp or min_bw"
             )),
         }
     }

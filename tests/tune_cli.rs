@@ -272,8 +272,19 @@ fn tpe_settings_reach_the_sampler() {
     let random = params("random", &["--set", "tune.sampler=\"random\""]);
     let startup = params("startup", &["--set", "tune.tpe.n_startup_trials=12"]);
     let tpe = params("tpe", &[]);
+    // Optuna's weights of the good trials instead of their improvements: over 16 trials the
+    // proposals differ (here from trial 12 on; the first two TPE trials happen to agree).
+    let more = ["--set", "tune.n_trials=16"];
+    let plain = params(
+        "plain",
+        &[&more[..], &["--set", "tune.tpe.ei_weights=false"]].concat(),
+    );
+    let ei = params("ei", &more);
     assert_eq!(random.len(), 12);
     assert_eq!(startup, random);
     assert_eq!(tpe[..10], random[..10]);
     assert_ne!(tpe[10..], random[10..]);
+    assert_eq!(ei[..12], tpe[..]);
+    assert_eq!(plain[..10], ei[..10]);
+    assert_ne!(plain[10..], ei[10..]);
 }

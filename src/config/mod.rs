@@ -57,7 +57,8 @@ pub enum PrunerKind {
 }
 
 /// `[tune.tpe]`: the TPE sampler's settings, as Optuna's `TPESampler` arguments. The defaults
-/// are wick's (`TpeSampler::new()`); Optuna's are `n_ei_candidates = 24`, `gamma = 0.1`.
+/// are wick's (`TpeSampler::new()`); Optuna's are `n_ei_candidates = 24`, `gamma = 0.1`,
+/// `ei_weights = false`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TpeConfig {
@@ -69,6 +70,9 @@ pub struct TpeConfig {
     pub gamma: f64,
     /// Joint kernels over the parameters (Optuna 5's default) instead of one per parameter.
     pub multivariate: bool,
+    /// Good trials weigh their improvement on the rest (wick's default); `false` gives
+    /// Optuna's weights.
+    pub ei_weights: bool,
 }
 
 impl Default for TpeConfig {
@@ -79,6 +83,7 @@ impl Default for TpeConfig {
             n_ei_candidates: s.n_ei_candidates,
             gamma: s.gamma,
             multivariate: s.multivariate,
+            ei_weights: s.ei_weights,
         }
     }
 }

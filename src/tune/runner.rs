@@ -57,7 +57,7 @@ impl TuneRun {
         }
         if !(tune.tpe.gamma > 0.0 && tune.tpe.gamma <= 1.0) {
             return Err(Error::Config(format!(
-                "{origin}: `tune.tpe.gamma` = {}: expected the good group's share of the trials, in (0, 1], e.g. 0.15",
+                "{origin}: `tune.tpe.gamma` = {}: expected the good group's share of the trials, in (0, 1], e.g. 0.2",
                 tune.tpe.gamma
             )));
         }
@@ -180,6 +180,7 @@ impl TuneRun {
                     n_ei_candidates: t.n_ei_candidates,
                     gamma: t.gamma,
                     multivariate: t.multivariate,
+                    ei_weights: t.ei_weights,
                     ..TpeSampler::new()
                 })
             }

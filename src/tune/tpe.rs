@@ -6,11 +6,14 @@
 //! [`TpeSampler::optuna`] has Optuna's defaults exactly (10 random start-up trials, 24
 //! expected-improvement candidates, a good group of min(⌈0.1 n⌉, 25) trials), and proposes
 //! from the same distribution as Optuna given the same history
-//! (`benches/compare/tpe_same_history.py`). [`TpeSampler::new`], wick's default, differs in two
-//! numbers chosen on held-out seeds of Branin and Hartmann6 (`docs/PERFORMANCE.md`): a good
-//! group of min(⌈0.15 n⌉, 25) trials and 64 candidates. The larger group keeps more of the
-//! promising region in l(x) early on; the extra candidates search the acquisition more
-//! sharply, for about 0.1 ms more per proposal at 1,000 trials.
+//! (`benches/compare/tpe_same_history.py`). [`TpeSampler::new`], wick's default, differs in
+//! three settings chosen on seeds of Branin and Hartmann6 held out from the reported ones
+//! (`docs/PERFORMANCE.md`): a good group of min(⌈0.2 n⌉, 25) trials, weighted by how much each
+//! improves on the rest (the "EI" weighting of Watanabe, "Tree-structured Parzen estimator:
+//! understanding its algorithm components", 2023), and 64 candidates. The larger group keeps
+//! more of the promising region in l(x); the weights pull l(x) towards the best trials within
+//! it; the extra candidates search the acquisition more sharply, for about 0.1 ms more per
+//! proposal at 1,000 trials.
 //!
 //! Departures: random numbers come from wick's keyed generator (so a seed gives a different,
 //! equally reproducible sequence than Optuna's); constraints and multi-objective are not
@@ -63,25 +66,38 @@ pub struct TpeSampler {
     pub gamma: f64,
     pub prior_weight: f64,
     pub consider_magic_clip: bool,
+    /// With the magic clip, the smallest bandwidth is `max(min_bandwidth_factor, (1 + k)^-e)`
+    /// of the range for k kernels, `e` being this exponent (Optuna: 1, i.e. range / min(100,
+    /// 1 + k)). Watanabe 2023's `b_magic_exponent`.
+    pub magic_clip_exponent: f64,
+    /// See [`Self::magic_clip_exponent`] (Optuna: 0.01).
+    pub min_bandwidth_factor: f64,
+    /// Weighs each good trial by how much it improves on the best of the other group
+    /// (Watanabe 2023's "EI" weighting), with the prior weighing their mean; `false` is
+    /// Optuna's weights (recent trials 1, older ones less, the prior `prior_weight`). The
+    /// other group always has Optuna's weights.
+    pub ei_weights: bool,
     pub multivariate: bool,
     pub constant_liar: bool,
 }
 
 impl TpeSampler {
     /// wick's defaults: Optuna 5's sampler (multivariate, constant liar) with a good group of
-    /// ⌈0.15 n⌉ trials (at most 25) and 64 candidates. On Branin and Hartmann6, over 100 seeds,
-    /// these find better values than Optuna's defaults at 25, 50 and 100 trials
+    /// ⌈0.2 n⌉ trials (at most 25) weighted by their improvement ([`Self::ei_weights`]), and 64
+    /// candidates. On Branin and Hartmann6, over seeds held out from the reported ones, these
+    /// find better values than Optuna's defaults at 25, 50 and 100 trials
     /// (`docs/PERFORMANCE.md`). Random numbers come from the study's per-trial streams.
     pub fn new() -> Self {
         Self {
             n_ei_candidates: 64,
-            gamma: 0.15,
+            gamma: 0.2,
+            ei_weights: true,
             ..Self::optuna()
         }
     }
 
     /// Optuna 5's `TPESampler()` defaults exactly: 10 start-up trials, 24 candidates, gamma
-    /// 0.1, multivariate, constant liar.
+    /// 0.1, Optuna's weights and magic clip, multivariate, constant liar.
     pub fn optuna() -> Self {
         Self {
             n_startup_trials: 10,
@@ -89,6 +105,9 @@ impl TpeSampler {
             gamma: 0.1,
             prior_weight: 1.0,
             consider_magic_clip: true,
+            magic_clip_exponent: 1.0,
+            min_bandwidth_factor: 0.01,
+            ei_weights: false,
             multivariate: true,
             constant_liar: true,
         }
@@ -183,16 +202,38 @@ fn ndtri(p: f64) -> f64 {
     x - u / (1.0 + x * u / 2.0)
 }
 
+vecmath::dispatch_wide!(max_of(v: &[f64]) -> f64 {
+    // The largest value, NaNs ignored (as a fold of `f64::max` from -∞), in four lanes so that
+    // it vectorises.
+    let mut acc = [f64::NEG_INFINITY; 4];
+    let chunks = v.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..4 {
+            if c[i] > acc[i] {
+                acc[i] = c[i];
+            }
+        }
+    }
+    let mut m = f64::NEG_INFINITY;
+    for &x in acc.iter().chain(rest) {
+        if x > m {
+            m = x;
+        }
+    }
+    m
+});
+
 /// log Σ e^v, overwriting `v`.
 fn logsumexp(v: &mut [f64]) -> f64 {
-    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let m = max_of(v);
     if m == f64::NEG_INFINITY {
         return m;
     }
     m + vecmath::sum_exp_minus(v, m).ln()
 }
 
-vecmath::dispatch!(sub_half_squares(acc: &mut [f64], x: f64, mus: &[f64], inv_sigmas: &[f64], norms: &[f64]) {
+vecmath::dispatch_wide!(sub_half_squares(acc: &mut [f64], x: f64, mus: &[f64], inv_sigmas: &[f64], norms: &[f64]) {
     // acc[k] -= ((x - mu_k) / sigma_k)² / 2 + norm_k: one normal kernel's log-density each.
     for (((a, &mu), &iv), &nm) in acc.iter_mut().zip(mus).zip(inv_sigmas).zip(norms) {
         let z = (x - mu) * iv;
@@ -274,21 +315,34 @@ struct Parzen {
 }
 
 impl Parzen {
+    /// With `given` weights (one per observation), the prior weighs their mean; otherwise
+    /// Optuna's [`default_weights`] and `prior_weight`.
     fn new(
-        obs: &[&BTreeMap<String, f64>],
+        cols: &[Vec<f64>],
+        n: usize,
         space: &[(String, Distribution)],
         s: &TpeSampler,
+        given: Option<Vec<f64>>,
     ) -> Self {
-        let n = obs.len();
-        let mut weights = default_weights(n);
-        weights.push(s.prior_weight);
+        let mut weights = match given {
+            Some(mut w) if !w.is_empty() => {
+                let mean = w.iter().sum::<f64>() / w.len() as f64;
+                w.push(mean);
+                w
+            }
+            _ => {
+                let mut w = default_weights(n);
+                w.push(s.prior_weight);
+                w
+            }
+        };
         let total: f64 = weights.iter().sum();
         weights.iter_mut().for_each(|w| *w /= total);
         let n_kernels = n + 1;
         let params = space
             .iter()
-            .map(|(name, d)| {
-                let xs: Vec<f64> = obs.iter().map(|o| o[name]).collect();
+            .zip(cols)
+            .map(|((name, d), xs)| {
                 let k = match d {
                     Distribution::Categorical { choices } => {
                         let c = choices.len();
@@ -314,7 +368,10 @@ impl Parzen {
                         let mut sigmas = neighbour_sigmas(&mus, a, b);
                         let maxsigma = b - a;
                         let minsigma = if s.consider_magic_clip {
-                            maxsigma / (100f64).min(1.0 + n_kernels as f64)
+                            maxsigma
+                                / (1.0 + n_kernels as f64)
+                                    .powf(s.magic_clip_exponent)
+                                    .min(1.0 / s.min_bandwidth_factor)
                         } else {
                             1e-12
                         };
@@ -397,13 +454,20 @@ impl Parzen {
                     log,
                 } => {
                     let (a, b) = adapted_bounds(*low, *high, *step, *log);
+                    // Many bandwidths are the clip's minimum: reuse the last logarithm.
+                    let (mut last_sg, mut last_ln) = (f64::NAN, f64::NAN);
                     mus.iter()
                         .zip(sigmas)
                         .map(|(&mu, &sg)| {
                             let log_z = log_diff_ndtr((a - mu) / sg, (b - mu) / sg);
                             match step {
                                 Some(_) => log_z,
-                                None => log_z + half_log_2pi + sg.ln(),
+                                None => {
+                                    if sg != last_sg {
+                                        (last_sg, last_ln) = (sg, sg.ln());
+                                    }
+                                    log_z + half_log_2pi + last_ln
+                                }
                             }
                         })
                         .collect()
@@ -469,9 +533,18 @@ fn neighbour_sigmas(mus: &[f64], low: f64, high: f64) -> Vec<f64> {
     if m == 0 {
         return Vec::new();
     }
-    let mut order: Vec<usize> = (0..m).collect();
-    // Ties by index: the stable order, from the faster unstable sort.
-    order.sort_unstable_by(|&a, &b| mus[a].total_cmp(&mus[b]).then(a.cmp(&b)));
+    // Sorted by (value in `f64::total_cmp`'s order, index): the stable order, from an unstable
+    // sort of integer pairs, much faster than one through a comparison closure.
+    let mut keyed: Vec<(i64, u32)> = mus
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let b = x.to_bits() as i64;
+            (b ^ (((b >> 63) as u64) >> 1) as i64, i as u32)
+        })
+        .collect();
+    keyed.sort_unstable();
+    let order: Vec<usize> = keyed.iter().map(|&(_, i)| i as usize).collect();
     let mut ext = Vec::with_capacity(m + 2);
     ext.push(low);
     ext.extend(order.iter().map(|&i| mus[i]));
@@ -490,68 +563,170 @@ fn neighbour_sigmas(mus: &[f64], low: f64, high: f64) -> Vec<f64> {
     out
 }
 
+/// One side of the split: its trials, in trial-number order, and their values, one column
+/// per parameter of the space.
+struct Group<'a> {
+    trials: Vec<&'a FrozenTrial>,
+    cols: Vec<Vec<f64>>,
+}
+
+impl<'a> Group<'a> {
+    /// Keeps the trials that have every parameter of `space`, with the same distribution.
+    fn of(candidates: Vec<&'a FrozenTrial>, space: &[(String, Distribution)]) -> Self {
+        let sorted = space.windows(2).all(|w| w[0].0 < w[1].0);
+        let mut cols = vec![Vec::with_capacity(candidates.len()); space.len()];
+        let mut row = Vec::with_capacity(space.len());
+        let trials = candidates
+            .into_iter()
+            .filter(|t| {
+                let ok = if sorted {
+                    values_sorted(t, space, &mut row)
+                } else {
+                    values_lookup(t, space, &mut row)
+                };
+                if ok {
+                    cols.iter_mut().zip(&row).for_each(|(c, &v)| c.push(v));
+                }
+                ok
+            })
+            .collect();
+        Self { trials, cols }
+    }
+}
+
+/// `t`'s values of the parameters of `space`, into `row`, if it has them all with the same
+/// distributions; one merged walk, as `space` and `t`'s maps are both sorted by name.
+fn values_sorted(t: &FrozenTrial, space: &[(String, Distribution)], row: &mut Vec<f64>) -> bool {
+    row.clear();
+    let (mut dists, mut params) = (t.distributions.iter(), t.params.iter());
+    // The next entry named `name`, skipping smaller names; `None` if there is none.
+    fn next_named<'m, V>(
+        it: &mut std::collections::btree_map::Iter<'m, String, V>,
+        name: &str,
+    ) -> Option<&'m V> {
+        for (k, v) in it {
+            match k.as_str().cmp(name) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => return Some(v),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+    for (name, d) in space {
+        match (next_named(&mut dists, name), next_named(&mut params, name)) {
+            (Some(td), Some(&v)) if td == d => row.push(v),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// As [`values_sorted`], for a space in any order.
+fn values_lookup(t: &FrozenTrial, space: &[(String, Distribution)], row: &mut Vec<f64>) -> bool {
+    row.clear();
+    for (name, d) in space {
+        match (t.distributions.get(name), t.params.get(name)) {
+            (Some(td), Some(&v)) if td == d => row.push(v),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The "EI" weights of the good group: each trial's improvement on the best loss of the
+/// other group (at least 1e-12). `None`, for Optuna's weights instead, when a good trial has
+/// no value (pruned) or no other trial has one.
+fn ei_weights(
+    below: &[&FrozenTrial],
+    above: &[&FrozenTrial],
+    direction: Direction,
+) -> Option<Vec<f64>> {
+    let threshold = above
+        .iter()
+        .filter(|t| t.state == TrialState::Complete)
+        .filter_map(|t| t.value)
+        .map(|v| direction.loss(v))
+        .fold(f64::INFINITY, f64::min);
+    if !threshold.is_finite() {
+        return None;
+    }
+    below
+        .iter()
+        .map(|t| match (t.state, t.value) {
+            (TrialState::Complete, Some(v)) => Some((threshold - direction.loss(v)).max(1e-12)),
+            _ => None,
+        })
+        .collect()
+}
+
 impl TpeSampler {
     /// Splits the trials into the good ("below") and the other ("above") groups, each in
-    /// trial-number order, keeping those that have every parameter of `space`. Returns the
-    /// number of finished (complete or pruned) trials too.
+    /// trial-number order, keeping those that have every parameter of `space` (sorted by
+    /// name). Returns the number of finished (complete or pruned) trials too.
     fn split<'a>(
         &self,
         history: &'a [FrozenTrial],
         direction: Direction,
         space: &[(String, Distribution)],
-    ) -> (Vec<&'a FrozenTrial>, Vec<&'a FrozenTrial>, usize) {
-        let has = |t: &FrozenTrial| space.iter().all(|(n, d)| t.distributions.get(n) == Some(d));
+    ) -> (Group<'a>, Group<'a>, usize) {
+        let loss = |t: &FrozenTrial| direction.loss(t.value.unwrap());
         let mut complete: Vec<&FrozenTrial> = history
             .iter()
             .filter(|t| t.state == TrialState::Complete && t.value.is_some())
             .collect();
-        // A total order (ties by number), so the unstable sort is deterministic.
-        complete.sort_unstable_by(|a, b| {
-            direction
-                .loss(a.value.unwrap())
-                .total_cmp(&direction.loss(b.value.unwrap()))
-                .then(a.number.cmp(&b.number))
-        });
-        // Pruned trials rank after complete ones: further along first, then by value there.
-        let score = |t: &FrozenTrial| match t.last_intermediate() {
-            Some((s, v)) if v.is_nan() => (-(s as i64), f64::INFINITY),
-            Some((s, v)) => (-(s as i64), direction.loss(v)),
-            None => (1, 0.0),
-        };
         let mut pruned: Vec<&FrozenTrial> = history
             .iter()
             .filter(|t| t.state == TrialState::Pruned)
             .collect();
-        pruned.sort_by(|a, b| {
-            let (sa, sb) = (score(a), score(b));
-            sa.0.cmp(&sb.0)
-                .then(sa.1.total_cmp(&sb.1))
-                .then(a.number.cmp(&b.number))
-        });
-        let mut ranked: Vec<&FrozenTrial> = complete.into_iter().chain(pruned).collect();
-        let n_finished = ranked.len();
+        let n_finished = complete.len() + pruned.len();
         let n_below = n_good(self.gamma, n_finished).min(n_finished);
-        if self.constant_liar {
-            // Other workers' running trials count as the worst results, so workers spread out.
-            ranked.extend(
-                history
-                    .iter()
-                    .filter(|t| t.state == TrialState::Running && !t.params.is_empty()),
-            );
-        }
-        let mut below: Vec<&FrozenTrial> = ranked[..n_below]
-            .iter()
-            .copied()
-            .filter(|t| has(t))
-            .collect();
-        let mut above: Vec<&FrozenTrial> = ranked[n_below..]
-            .iter()
-            .copied()
-            .filter(|t| has(t))
-            .collect();
+        // The good group is the first n_below of the ranking: complete trials by loss (ties by
+        // number), then pruned ones. Only its members are needed, so select, don't sort.
+        let mut below: Vec<&FrozenTrial> = if n_below <= complete.len() {
+            if n_below > 0 && n_below < complete.len() {
+                complete.select_nth_unstable_by(n_below - 1, |a, b| {
+                    loss(a).total_cmp(&loss(b)).then(a.number.cmp(&b.number))
+                });
+            }
+            complete.truncate(n_below);
+            complete
+        } else {
+            // Pruned trials rank after complete ones: further along first, then by value there.
+            let score = |t: &FrozenTrial| match t.last_intermediate() {
+                Some((s, v)) if v.is_nan() => (-(s as i64), f64::INFINITY),
+                Some((s, v)) => (-(s as i64), direction.loss(v)),
+                None => (1, 0.0),
+            };
+            pruned.sort_by(|a, b| {
+                let (sa, sb) = (score(a), score(b));
+                sa.0.cmp(&sb.0)
+                    .then(sa.1.total_cmp(&sb.1))
+                    .then(a.number.cmp(&b.number))
+            });
+            let extra = n_below - complete.len();
+            complete.extend_from_slice(&pruned[..extra]);
+            complete
+        };
         below.sort_unstable_by_key(|t| t.number);
-        above.sort_unstable_by_key(|t| t.number);
-        (below, above, n_finished)
+        let in_below =
+            |t: &FrozenTrial| below.binary_search_by_key(&t.number, |b| b.number).is_ok();
+        // Everything else finished is above; with the constant liar, so are other workers'
+        // running trials (as the worst results), so that workers spread out.
+        let mut above: Vec<&FrozenTrial> = history
+            .iter()
+            .filter(|t| match t.state {
+                TrialState::Complete => t.value.is_some(),
+                TrialState::Pruned => true,
+                TrialState::Running => self.constant_liar && !t.params.is_empty(),
+                TrialState::Failed => false,
+            })
+            .filter(|t| !in_below(t))
+            .collect();
+        if !above.is_sorted_by_key(|t| t.number) {
+            above.sort_unstable_by_key(|t| t.number);
+        }
+        (Group::of(below, space), Group::of(above, space), n_finished)
     }
 
     fn sample_space(
@@ -565,16 +740,13 @@ impl TpeSampler {
         if n_finished < self.n_startup_trials {
             return None;
         }
-        let l = Parzen::new(
-            &below.iter().map(|t| &t.params).collect::<Vec<_>>(),
-            space,
-            self,
-        );
-        let g = Parzen::new(
-            &above.iter().map(|t| &t.params).collect::<Vec<_>>(),
-            space,
-            self,
-        );
+        let ei = if self.ei_weights {
+            ei_weights(&below.trials, &above.trials, direction)
+        } else {
+            None
+        };
+        let l = Parzen::new(&below.cols, below.trials.len(), space, self, ei);
+        let g = Parzen::new(&above.cols, above.trials.len(), space, self, None);
         let candidates = l.sample(self.n_ei_candidates, rng);
         let (ll, lg) = (l.log_pdf(&candidates), g.log_pdf(&candidates));
         // The first maximum of log l(x) - log g(x).
@@ -639,15 +811,143 @@ mod tests {
         assert_eq!(n_good(0.1, 11), 2);
         assert_eq!(n_good(0.1, 1000), 25);
         // wick's default.
-        assert_eq!(n_good(0.15, 10), 2);
-        assert_eq!(n_good(0.15, 50), 8);
-        assert_eq!(n_good(0.15, 200), 25);
+        assert_eq!(n_good(0.2, 10), 2);
+        assert_eq!(n_good(0.2, 51), 11);
+        assert_eq!(n_good(0.2, 200), 25);
         assert_eq!(default_weights(3), [1.0, 1.0, 1.0]);
         let w = default_weights(30);
         assert_eq!(w.len(), 30);
         assert!((w[0] - 1.0 / 30.0).abs() < 1e-12);
         assert!((w[4] - 1.0).abs() < 1e-12);
         assert!(w[1] > w[0] && w[2] > w[1]);
+    }
+
+    fn trial(number: usize, state: TrialState, value: Option<f64>) -> FrozenTrial {
+        FrozenTrial {
+            number,
+            state,
+            value,
+            params: BTreeMap::new(),
+            distributions: BTreeMap::new(),
+            intermediate: BTreeMap::new(),
+            rungs: BTreeMap::new(),
+            duration_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn ei_weights_are_improvements_on_the_rest() {
+        use TrialState::*;
+        let below = [trial(0, Complete, Some(1.0)), trial(1, Complete, Some(2.5))];
+        let above = [
+            trial(2, Complete, Some(3.0)),
+            trial(3, Complete, Some(4.0)),
+            trial(4, Running, None),
+        ];
+        let (b, a): (Vec<_>, Vec<_>) = (below.iter().collect(), above.iter().collect());
+        assert_eq!(
+            ei_weights(&b, &a, Direction::Minimize),
+            Some(vec![2.0, 0.5])
+        );
+        // Maximizing, the best of the rest is 4: the good trials improve on it by nothing.
+        assert_eq!(
+            ei_weights(&b, &a, Direction::Maximize),
+            Some(vec![1e-12, 1e-12])
+        );
+        // A pruned good trial, or no finished other trial: Optuna's weights.
+        let pruned = [trial(0, Pruned, None)];
+        let p: Vec<_> = pruned.iter().collect();
+        assert_eq!(ei_weights(&p, &a, Direction::Minimize), None);
+        assert_eq!(ei_weights(&b, &a[2..], Direction::Minimize), None);
+        // The prior weighs the mean of the given weights.
+        let s = TpeSampler::new();
+        let space = [(
+            "x".to_string(),
+            Distribution::Float {
+                low: 0.0,
+                high: 1.0,
+                log: false,
+                step: None,
+            },
+        )];
+        let pz = Parzen::new(&[vec![0.2, 0.4]], 2, &space, &s, Some(vec![3.0, 1.0]));
+        assert_eq!(pz.weights, [0.5, 1.0 / 6.0, 2.0 / 6.0]);
+    }
+
+    #[test]
+    fn magic_clip_default_is_optunas() {
+        // Optuna: the smallest bandwidth is range / min(100, 1 + kernels).
+        let s = TpeSampler::optuna();
+        let space = [(
+            "x".to_string(),
+            Distribution::Float {
+                low: 0.0,
+                high: 10.0,
+                log: false,
+                step: None,
+            },
+        )];
+        for n in [1usize, 5, 98, 99, 150] {
+            // Identical observations: every neighbour distance but the ends' is 0, so clipped.
+            let pz = Parzen::new(&[vec![5.0; n]], n, &space, &s, None);
+            let Kernels::Numerical { sigmas, .. } = &pz.params[0].1 else {
+                unreachable!()
+            };
+            let want = 10.0 / (100f64).min(1.0 + (n + 1) as f64);
+            if n > 2 {
+                assert_eq!(sigmas[1], want, "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn values_need_every_parameter_with_its_distribution() {
+        let f = |low: f64| Distribution::Float {
+            low,
+            high: 1.0,
+            log: false,
+            step: None,
+        };
+        let mut t = trial(0, TrialState::Complete, Some(1.0));
+        for (name, v) in [("a", 0.1), ("b", 0.2), ("c", 0.3)] {
+            t.params.insert(name.into(), v);
+            t.distributions.insert(name.into(), f(0.0));
+        }
+        let space = |names: &[&str], low: f64| -> Vec<(String, Distribution)> {
+            names.iter().map(|n| (n.to_string(), f(low))).collect()
+        };
+        let mut row = Vec::new();
+        for (names, low, want) in [
+            (&["a", "c"][..], 0.0, Some(vec![0.1, 0.3])),
+            (&["b"][..], 0.0, Some(vec![0.2])),
+            (&["a", "b", "c"][..], 0.0, Some(vec![0.1, 0.2, 0.3])),
+            (&["a", "bb"][..], 0.0, None),
+            (&["0", "a"][..], 0.0, None),
+            (&["c", "d"][..], 0.0, None),
+            (&["a"][..], 0.5, None),
+        ] {
+            let sp = space(names, low);
+            let got = values_sorted(&t, &sp, &mut row).then(|| row.clone());
+            assert_eq!(got, want, "{names:?}");
+            let got = values_lookup(&t, &sp, &mut row).then(|| row.clone());
+            assert_eq!(got, want, "{names:?}");
+        }
+        // A space out of name order goes through lookups, in the space's order.
+        let g = Group::of(vec![&t], &space(&["c", "a"], 0.0));
+        assert_eq!(g.cols, [vec![0.3], vec![0.1]]);
+    }
+
+    #[test]
+    fn max_of_ignores_nans_as_f64_max_does() {
+        for n in 0..13 {
+            let mut v: Vec<f64> = (0..n).map(|i| ((i * 7919) % 13) as f64 - 6.0).collect();
+            if n > 2 {
+                v[1] = f64::NAN;
+            }
+            let want = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(max_of(&v), want, "{v:?}");
+        }
+        assert_eq!(max_of(&[f64::NAN; 5]), f64::NEG_INFINITY);
     }
 
     #[test]
