@@ -5,11 +5,13 @@
    seeds each (--seeds, --first-seed); the median over seeds of the best value after 25, 50 and
    100 trials, a bootstrap 95% interval of the difference of the medians, and the Mann-Whitney
    test of the two samples of best values (with scipy). wick runs with its defaults
-   (`TpeSampler::new()`: a good group of 15% of the trials, 64 candidates) and, for reference,
+   (`TpeSampler::new()`: a good group of 20% of the trials weighted by improvement, 64
+   candidates) and, for reference,
    with Optuna's (`TpeSampler::optuna()`: 10%, 24 candidates).
 2. Overhead: a study of N trials (N = 100, 500, 1000) of a trivial objective x^2 + y^2; the
    mean time per trial (ask, two suggest_float, tell) over the last 50 trials, i.e. the
-   sampler's cost at that study size.
+   sampler's cost at that study size; the median of --repeats (3) interleaved measurements of
+   each.
 
 wick runs through its library API (`cargo run --release --example tpe_bench`). Run from the
 repository root with a Python that has optuna (benches/compare/requirements.txt):
@@ -83,6 +85,8 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seeds", type=int, default=20, help="studies per sampler and problem")
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="overhead: interleaved measurements per study size and framework (medians reported)")
     ap.add_argument("--overhead-rounds", type=int, default=0,
                     help="only the overhead at 1000 trials: this many interleaved rounds of Optuna, "
                          "wick and wick with Optuna's defaults, and their medians")
@@ -120,7 +124,14 @@ def main():
             q.setdefault("per_seed", {})[str(k)] = {"optuna": o.tolist(), "wick": wk.tolist()}
         res["quality"][name] = q
     for n in (100, 500, 1000):
-        res["overhead_ms_per_trial"][str(n)] = {"optuna": optuna_overhead(n), "wick": wick("overhead", str(n))["ms_per_trial_last50"]}
+        # Interleaved repeats, medians reported: one measurement each is at the mercy of a
+        # noisy machine (on a shared VM, either side alone has varied by 40% from run to run).
+        o_all, w_all = [], []
+        for _ in range(args.repeats):
+            o_all.append(optuna_overhead(n))
+            w_all.append(wick("overhead", str(n))["ms_per_trial_last50"])
+        res["overhead_ms_per_trial"][str(n)] = {"optuna": float(np.median(o_all)), "wick": float(np.median(w_all)),
+                                                "optuna_all": o_all, "wick_all": w_all}
     if args.json:
         print(json.dumps(res, indent=2))
         return
@@ -147,9 +158,12 @@ def main():
                     cells.append(f"{name[:3]}@{k} {o:.4f}/{wk:.4f}{' X' if wk > o else ''}")
             first = args.first_seed + b
             print(f"  seeds {first}-{first + 19}: " + "; ".join(cells))
-    print(f"{'study size':>10} {'optuna ms/trial':>16} {'wick ms/trial':>14} {'ratio':>7}")
+    print(f"overhead: median of {args.repeats} interleaved measurements (range in brackets)")
+    print(f"{'study size':>10} {'optuna ms/trial':>24} {'wick ms/trial':>22} {'ratio':>7}")
     for n, o in res["overhead_ms_per_trial"].items():
-        print(f"{n:>10} {o['optuna']:>16.3f} {o['wick']:>14.3f} {o['optuna'] / o['wick']:>6.1f}x")
+        orng = f"[{min(o['optuna_all']):.2f}-{max(o['optuna_all']):.2f}]"
+        wrng = f"[{min(o['wick_all']):.3f}-{max(o['wick_all']):.3f}]"
+        print(f"{n:>10} {o['optuna']:>9.3f} {orng:>14} {o['wick']:>8.3f} {wrng:>13} {o['optuna'] / o['wick']:>6.1f}x")
 
 
 if __name__ == "__main__":
