@@ -30,6 +30,24 @@ fn main() {
             std::hint::black_box(gemm::gemm_i32(&ai8, m, p));
         }
         let i = t.elapsed().as_secs_f64() / reps as f64;
+        // Every kernel this CPU runs, on the same product.
+        let per_isa: Vec<String> = gemm::Isa::available()
+            .into_iter()
+            .filter(|&isa| isa != gemm::Isa::Portable)
+            .map(|isa| {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(gemm::gemm_i32_with(&ai8, m, p, isa));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let g = 2.0 * (m * n * k) as f64 / 1e9;
+                format!("{isa:?} {:.1}", g / s)
+            })
+            .collect();
+        println!(
+            "{m}x{n}x{k}: int8 i32 GOP/s by kernel: {}",
+            per_isa.join(", ")
+        );
         let t = Instant::now();
         for _ in 0..reps {
             std::hint::black_box(gemm::quantize_rows(&x, m, k, None));
