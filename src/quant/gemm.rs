@@ -426,38 +426,29 @@ fn kernel(
         assert!(r + 2 * kp2 <= a.len(), "gemm: activation rows out of range");
     }
     assert!(panel.len() >= kp2 * 2 * NR, "gemm: panel out of range");
+    // The kernel instantiated for the tile's row count (a partial tile computes only its rows).
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! by_rows {
+        ($m:ident) => {{
+            let (a, b) = (a.as_ptr(), panel.as_ptr());
+            match mm {
+                1 => $m::kernel::<1>(a, rows, b, kp2, acc),
+                2 => $m::kernel::<2>(a, rows, b, kp2, acc),
+                3 => $m::kernel::<3>(a, rows, b, kp2, acc),
+                4 => $m::kernel::<4>(a, rows, b, kp2, acc),
+                5 => $m::kernel::<5>(a, rows, b, kp2, acc),
+                _ => $m::kernel::<MR>(a, rows, b, kp2, acc),
+            }
+        }};
+    }
     match isa {
+        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2; bounds checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            let (a, b) = (a.as_ptr(), panel.as_ptr());
-            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2; bounds checked above.
-            unsafe {
-                match mm {
-                    1 => avx2::kernel::<1>(a, rows, b, kp2, acc),
-                    2 => avx2::kernel::<2>(a, rows, b, kp2, acc),
-                    3 => avx2::kernel::<3>(a, rows, b, kp2, acc),
-                    4 => avx2::kernel::<4>(a, rows, b, kp2, acc),
-                    5 => avx2::kernel::<5>(a, rows, b, kp2, acc),
-                    _ => avx2::kernel::<MR>(a, rows, b, kp2, acc),
-                }
-            }
-        }
+        Isa::Avx2 => unsafe { by_rows!(avx2) },
+        // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has AVX-512 F and VNNI; bounds
+        // checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => {
-            let (a, b) = (a.as_ptr(), panel.as_ptr());
-            // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has AVX-512 F and VNNI;
-            // bounds checked above.
-            unsafe {
-                match mm {
-                    1 => vnni::kernel::<1>(a, rows, b, kp2, acc),
-                    2 => vnni::kernel::<2>(a, rows, b, kp2, acc),
-                    3 => vnni::kernel::<3>(a, rows, b, kp2, acc),
-                    4 => vnni::kernel::<4>(a, rows, b, kp2, acc),
-                    5 => vnni::kernel::<5>(a, rows, b, kp2, acc),
-                    _ => vnni::kernel::<MR>(a, rows, b, kp2, acc),
-                }
-            }
-        }
+        Isa::Avx512Vnni => unsafe { by_rows!(vnni) },
         _ => portable_kernel(a, rows, panel, kp2, acc),
     }
 }
