@@ -50,6 +50,12 @@ fn conv2d_matches_candle_forward_and_gradients() {
         // Few output pixels for many channels: im2col columns ordered (channel, ki, kj).
         (1, 4, 4, 8, 32, 3, 1, 1, 1, 1),
         (2, 3, 3, 16, 64, 3, 2, 1, 1, 1),
+        // Output channels a multiple of 32: the direct kernel where the CPU has AVX-512, and
+        // its input gradient (stride 1, at least 1,024 output pixels, 32·k input channels).
+        (4, 16, 16, 32, 32, 3, 1, 1, 1, 1),
+        (1, 34, 33, 32, 64, 3, 1, 2, 2, 1),
+        (2, 9, 9, 5, 32, 3, 2, 1, 1, 1),
+        (1, 5, 5, 8, 96, 1, 2, 0, 1, 1),
     ];
     for &(n, h, w, cin, cout, k, stride, padding, dilation, groups) in &cases {
         let spec = ConvSpec {

@@ -1,8 +1,11 @@
 //! 2-D convolution as candle custom ops, on NHWC activations with PyTorch-layout weights
 //! (`[out, in / groups, kh, kw]`).
 //!
-//! candle's CPU convolution backward goes through a slow direct transposed convolution. Here
-//! every pass is one GEMM per group through [`gemm_tiled`]:
+//! candle's CPU convolution backward goes through a slow direct transposed convolution. Here,
+//! on CPUs with AVX-512, ungrouped convolutions with a multiple of 32 output channels run
+//! forward through wick's direct kernel ([`super::conv_direct`]: no im2col matrix, BatchNorm
+//! and ReLU fused when frozen), and so do the input gradients of such stride-1 convolutions
+//! with enough output pixels. Everything else is one GEMM per group through [`gemm_tiled`]:
 //! - forward: `im2col(x)[P, K] · Wᵀ` gives the output directly in NHWC (`P = N·Ho·Wo` rows);
 //! - input gradient: `dY · W` gives the column gradient, which `col2im` scatters back;
 //! - weight gradient: `dYᵀ · im2col(x)`.
@@ -16,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::conv_direct::{self, DirectGeom, Epilogue, PackedWeight};
 use super::kernels::gemm_tiled;
 use super::kernels::op_f32;
 
@@ -132,6 +136,22 @@ impl Geom {
     fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
         let i = (o * self.s.stride + k * self.s.dilation) as isize - self.s.padding as isize;
         (i >= 0 && (i as usize) < len).then_some(i as usize)
+    }
+    /// The same convolution for the direct kernel, if it takes it.
+    fn direct(&self) -> Option<DirectGeom> {
+        let d = DirectGeom {
+            n: self.n,
+            h: self.h,
+            w: self.w,
+            c: self.c,
+            cout: self.cout,
+            kh: self.kh,
+            kw: self.kw,
+            ho: self.ho,
+            wo: self.wo,
+            spec: self.s,
+        };
+        d.supported().then_some(d)
     }
 }
 
@@ -344,6 +364,14 @@ fn conv2d_forward_keep(
     keep: Option<&Cols>,
 ) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
     let g = Geom::new(xs, ws, s)?;
+    // The direct kernel needs no im2col matrix; the weight gradient then builds its own.
+    if let Some((d, pw)) = g
+        .direct()
+        .zip(PackedWeight::new(w, [g.cout, g.c, g.kh, g.kw]))
+    {
+        let out = conv_direct::forward(x, &pw, &d, &Epilogue::NONE);
+        return Ok((out, [g.n, g.ho, g.wo, g.cout]));
+    }
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
     let wr = weight_for_cols(w, &g);
     let mut out = scratch(p * g.cout);
@@ -393,6 +421,9 @@ pub fn conv2d_backward_input(
     s: ConvSpec,
 ) -> candle_core::Result<Vec<f32>> {
     let g = Geom::new(xs, ws, s)?;
+    if let Some(dx) = input_grad_direct(dy, w, &g) {
+        return Ok(dx);
+    }
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
     let wr = weight_for_cols(w, &g);
     if g.pointwise() {
@@ -425,6 +456,46 @@ pub fn conv2d_backward_input(
         });
     }
     Ok(dx)
+}
+
+/// The input gradient of a stride-1 convolution through the direct kernel, if it takes it:
+/// the convolution of `dy`, padded by `dilation·(k − 1) − padding`, with the weight transposed
+/// and flipped.
+fn input_grad_direct(dy: &[f32], w: &[f32], g: &Geom) -> Option<Vec<f32>> {
+    let s = g.s;
+    let span = s.dilation * (g.kh.max(g.kw) - 1);
+    // Below about a thousand output pixels, packing the flipped weight costs more than the
+    // im2col path's scatter saves (ResNet-18's last two stages at 64×64).
+    if s.stride != 1
+        || g.kh != g.kw
+        || s.padding > span
+        || g.pointwise()
+        || g.groups() != 1
+        || g.p() < 1024
+    {
+        return None;
+    }
+    let t = Geom {
+        n: g.n,
+        h: g.ho,
+        w: g.wo,
+        c: g.cout,
+        cout: g.c,
+        kh: g.kh,
+        kw: g.kw,
+        ho: g.h,
+        wo: g.w,
+        s: ConvSpec {
+            stride: 1,
+            padding: span - s.padding,
+            dilation: s.dilation,
+            groups: 1,
+        },
+        force_inner: false,
+    };
+    let d = t.direct()?;
+    let pw = PackedWeight::for_input_grad(w, [g.cout, g.c, g.kh, g.kw])?;
+    Some(conv_direct::forward(dy, &pw, &d, &Epilogue::NONE))
 }
 
 /// Gradient of the weight: `x` NHWC and `dy` NHWC → `[out, in/groups, kh, kw]`.
@@ -581,6 +652,7 @@ struct Conv2dAffine {
     scale: Vec<f32>,
     shift: Vec<f32>,
     relu: bool,
+    packed: Option<Arc<PackedWeight>>,
 }
 
 impl CustomOp2 for Conv2dAffine {
@@ -597,14 +669,36 @@ impl CustomOp2 for Conv2dAffine {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = op_f32(s1, l1, "conv2d", "the input")?;
         let w = op_f32(s2, l2, "conv2d", "the weight")?;
-        let (mut out, shape) = conv2d_forward(x, l1.dims(), w, l2.dims(), self.spec)?;
-        let c = shape[3];
+        let g = Geom::new(l1.dims(), l2.dims(), self.spec)?;
+        let c = g.cout;
         if self.scale.len() != c || self.shift.len() != c {
             candle_core::bail!(
                 "conv2d: {} scales for {c} output channels",
                 self.scale.len()
             );
         }
+        let shape = [g.n, g.ho, g.wo, c];
+        if let Some(d) = g.direct() {
+            let dims = [g.cout, g.c, g.kh, g.kw];
+            let own;
+            let pw = match self.packed.as_deref().filter(|p| p.dims == dims) {
+                Some(p) => Some(p),
+                None => {
+                    own = PackedWeight::new(w, dims);
+                    own.as_ref()
+                }
+            };
+            if let Some(pw) = pw {
+                let epi = Epilogue {
+                    scale: Some(&self.scale),
+                    shift: Some(&self.shift),
+                    relu: self.relu,
+                };
+                let out = conv_direct::forward(x, pw, &d, &epi);
+                return Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())));
+            }
+        }
+        let (mut out, _) = conv2d_forward(x, l1.dims(), w, l2.dims(), self.spec)?;
         affine_in_place(&mut out, c, &self.scale, &self.shift, self.relu);
         Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
     }
@@ -626,10 +720,13 @@ pub fn affine_in_place(y: &mut [f32], c: usize, scale: &[f32], shift: &[f32], re
 }
 
 /// `max(conv2d(x, w)·scale + shift, 0)` (the ReLU only with `relu`) per output channel, with no
-/// gradient: a frozen `conv → BatchNorm (eval) → ReLU` in one pass over the output.
+/// gradient: a frozen `conv → BatchNorm (eval) → ReLU` in one pass over the output. `packed`
+/// is the weight already in the direct kernel's layout (a frozen weight, packed once).
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d_affine(
     x: &Tensor,
     weight: &Tensor,
+    packed: Option<Arc<PackedWeight>>,
     spec: ConvSpec,
     scale: Vec<f32>,
     shift: Vec<f32>,
@@ -640,6 +737,7 @@ pub fn conv2d_affine(
         scale,
         shift,
         relu,
+        packed,
     };
     x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
 }

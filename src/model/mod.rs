@@ -11,6 +11,7 @@ pub mod attention;
 pub mod batchnorm;
 pub mod bert;
 pub mod conv;
+pub mod conv_direct;
 pub mod kernels;
 pub mod layer_norm;
 pub mod linear;

@@ -67,13 +67,15 @@ impl CustomOp1 for MaxPool {
                                     continue;
                                 }
                                 let at = base + (ih as usize * w + iw as usize) * c;
-                                for j in 0..c {
-                                    let v = x[at + j];
-                                    // `!(v <= o)` also takes a NaN, as PyTorch propagates it.
-                                    if v > o[j] || (v.is_nan() && !o[j].is_nan()) {
-                                        o[j] = v;
-                                        a[j] = (at + j) as u32;
-                                    }
+                                let xs = &x[at..at + c];
+                                // Branch-free selects, so that the loop vectorizes. A NaN is
+                                // taken over a number, as PyTorch propagates it.
+                                for (j, ((o, a), &v)) in
+                                    o.iter_mut().zip(a.iter_mut()).zip(xs).enumerate()
+                                {
+                                    let take = (v > *o) | (v.is_nan() & !o.is_nan());
+                                    *o = if take { v } else { *o };
+                                    *a = if take { (at + j) as u32 } else { *a };
                                 }
                             }
                         }

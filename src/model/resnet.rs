@@ -279,7 +279,11 @@ impl ResNet {
             // Nothing upstream needs a gradient: one fused op, BatchNorm and ReLU applied on
             // the convolution's output in place.
             let (scale, shift) = bn.eval_affine()?;
-            return super::conv::conv2d_affine(x, &w, l.spec, scale, shift, relu);
+            // A frozen weight is packed for the direct kernel once, not on every call.
+            let packed = self
+                .store
+                .derived(&wname, super::conv_direct::PackedWeight::from_tensor)?;
+            return super::conv::conv2d_affine(x, &w, packed, l.spec, scale, shift, relu);
         }
         let y = conv2d(x, &w, l.spec)?;
         bn.forward_act(&y, bn_train, relu)

@@ -5,6 +5,7 @@
 //! `(seed, parameter name)`, so initial weights do not depend on construction order, thread
 //! count or candle's (unseedable) CPU RNG. Parameters are listed sorted by name.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,26 @@ struct Inner {
     /// Set while [`crate::quant`] records layer inputs.
     calibrating: AtomicBool,
     calibration: Mutex<Calibration>,
+    /// Values derived from frozen parameters, by parameter name ([`ParamStore::derived`]).
+    derived: Derived,
+}
+
+/// Values derived from frozen parameters (such as convolution weights repacked for a
+/// kernel), dropped whenever the store's values may have changed.
+#[derive(Default)]
+struct Derived(Mutex<BTreeMap<String, Arc<dyn Any + Send + Sync>>>);
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "Derived({n} values)")
+    }
+}
+
+impl Derived {
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// Named parameters of a model, initialised deterministically from a seed.
@@ -70,6 +91,7 @@ impl ParamStore {
                 quant: RwLock::new(BTreeMap::new()),
                 calibrating: AtomicBool::new(false),
                 calibration: Mutex::new(Calibration::default()),
+                derived: Derived::default(),
             }),
         }
     }
@@ -121,9 +143,48 @@ impl ParamStore {
             .collect()
     }
 
-    /// The variable called `name`.
+    /// The variable called `name`. Changing a frozen parameter's values through it must be
+    /// followed by [`Self::invalidate_derived`] (the store's own loaders do that).
     pub fn get(&self, name: &str) -> Option<Var> {
         self.lock().get(name).map(|e| e.var.clone())
+    }
+
+    /// A value derived from the frozen parameter `name` by `make` (e.g. a weight repacked for
+    /// a kernel), made once and kept until the store's values may have changed: loading
+    /// weights, quantizing, freezing or unfreezing, a data-parallel broadcast, or
+    /// [`Self::invalidate_derived`]. `None` for a trainable or unknown parameter, whose values
+    /// the optimizer changes every step, and when `make` gives `None`.
+    pub fn derived<T: Any + Send + Sync>(
+        &self,
+        name: &str,
+        make: impl FnOnce(&Tensor) -> candle_core::Result<Option<T>>,
+    ) -> candle_core::Result<Option<Arc<T>>> {
+        let var = match self.lock().get(name) {
+            Some(e) if !e.trainable => e.var.clone(),
+            _ => return Ok(None),
+        };
+        let key = format!("{name}#{}", std::any::type_name::<T>());
+        let mut map = self
+            .inner
+            .derived
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = map.get(&key).and_then(|v| v.clone().downcast::<T>().ok()) {
+            return Ok(Some(v));
+        }
+        let Some(v) = make(var.as_tensor())? else {
+            return Ok(None);
+        };
+        let v = Arc::new(v);
+        map.insert(key, v.clone());
+        Ok(Some(v))
+    }
+
+    /// Drops every value [`Self::derived`] kept: call it after changing a frozen parameter's
+    /// values from outside the store.
+    pub fn invalidate_derived(&self) {
+        self.inner.derived.clear();
     }
 
     /// The int8 weights of parameter `name`, once the model is quantized.
@@ -169,6 +230,7 @@ impl ParamStore {
             }
             let t = Tensor::from_vec(q.dequantize(), var.shape(), var.device())?;
             var.set(&t)?;
+            self.invalidate_derived();
         }
         if q.kind != crate::quant::LayerKind::Embedding {
             // Pack now, so that the first forward pass costs what the others do.
@@ -222,6 +284,7 @@ impl ParamStore {
 
     /// Freezes (or unfreezes) every parameter whose name starts with `prefix`; returns how many.
     pub fn set_trainable(&self, prefix: &str, trainable: bool) -> usize {
+        self.invalidate_derived();
         let mut n = 0;
         for (name, e) in self.lock().iter_mut() {
             if name.starts_with(prefix) && !e.buffer {
@@ -341,6 +404,7 @@ impl ParamStore {
                 mismatched.join(", ")
             )));
         }
+        self.invalidate_derived();
         for (name, e) in vars.iter().filter(|(k, _)| !skip(k)) {
             let t = tensors[name].to_dtype(DType::F32)?.reshape(e.var.shape())?;
             e.var.set(&t.to_device(e.var.device())?)?;
@@ -498,5 +562,41 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.lock().contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn derived_values_are_kept_for_frozen_parameters_until_the_values_change() {
+        let store = ParamStore::new(0);
+        let vb = store.var_builder();
+        vb.get((2, 3), "a.weight").unwrap();
+        vb.get(4, "b.weight").unwrap();
+        store.set_trainable("a.", false);
+        let made = AtomicUsize::new(0);
+        let sum = |t: &Tensor| {
+            made.fetch_add(1, Ordering::Relaxed);
+            Ok(Some(t.sum_all()?.to_scalar::<f32>()?))
+        };
+        let first = store.derived("a.weight", sum).unwrap().unwrap();
+        let again = store.derived("a.weight", sum).unwrap().unwrap();
+        assert_eq!((*first, made.load(Ordering::Relaxed)), (*again, 1));
+        // A trainable parameter changes every step: nothing is kept, nothing made.
+        assert!(store.derived("b.weight", sum).unwrap().is_none());
+        assert!(store.derived("missing", sum).unwrap().is_none());
+        assert_eq!(made.load(Ordering::Relaxed), 1);
+        // Loading new values drops what was derived from the old ones.
+        let ones = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let map = BTreeMap::from([("a.weight".to_string(), ones)]);
+        store.load_map("test", &map, &|n| n != "a.weight").unwrap();
+        let loaded = store.derived("a.weight", sum).unwrap().unwrap();
+        assert_eq!((*loaded, made.load(Ordering::Relaxed)), (6.0, 2));
+        store.invalidate_derived();
+        store.derived("a.weight", sum).unwrap();
+        assert_eq!(made.load(Ordering::Relaxed), 3);
     }
 }

@@ -386,6 +386,7 @@ impl Trainer {
         };
         // Equal replicas: rank 0's weights (and buffers) everywhere.
         ddp::broadcast_params(comm.as_ref(), &store.params())?;
+        store.invalidate_derived();
         let mut reducer = GradReducer::new(cfg.dist.bucket_mb);
         let mut comm_s = 0f64;
         let mut ckpt = Checkpointer::new();

@@ -1,0 +1,535 @@
+//! Direct (implicit-GEMM) forward convolution for NHWC f32 activations on AVX-512 CPUs, with a
+//! fused per-channel epilogue (`y·scale + shift`, then an optional ReLU).
+//!
+//! The im2col path ([`super::conv`]) writes the column matrix, and the `gemm` crate then packs
+//! it (and the weight) again before multiplying. Here neither copy exists: a micro-kernel
+//! computes [`MR`] output pixels × [`NR`] output channels at once, broadcasting each input
+//! value straight from the (zero-padded) NHWC input, with the weight repacked once per call
+//! into panels of `[K][NR]` (columns ordered `(ki, kj, channel)`). BatchNorm's evaluation-mode
+//! affine map and the ReLU are applied to the accumulators before they are stored, so a frozen
+//! `conv → BatchNorm → ReLU` touches its output once.
+//!
+//! Every output value is one fixed-order sum over `(ki, kj, channel)`, and tiles (a panel of
+//! output channels × a block of pixels) are independent, so the result does not depend on the
+//! thread count, or on which other images share the batch.
+
+use rayon::prelude::*;
+
+use super::conv::ConvSpec;
+
+/// Output pixels per micro-kernel call.
+const MR: usize = 12;
+/// Output channels per micro-kernel call (two 16-lane registers).
+const NR: usize = 32;
+
+/// Whether this CPU has the instructions the kernel needs.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("WICK_NO_DIRECT_CONV").is_none()
+                && std::is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Shapes of one direct convolution (NHWC input, PyTorch-layout weight).
+#[derive(Debug, Clone, Copy)]
+pub struct DirectGeom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub ho: usize,
+    pub wo: usize,
+    pub spec: ConvSpec,
+}
+
+impl DirectGeom {
+    /// Whether the kernel takes this convolution: ungrouped, output channels a multiple of
+    /// [`NR`], on a CPU that has AVX-512.
+    pub fn supported(&self) -> bool {
+        available() && self.spec.groups <= 1 && self.cout.is_multiple_of(NR) && self.c > 0
+    }
+}
+
+/// The per-channel map applied to the accumulators before they are stored.
+pub struct Epilogue<'a> {
+    pub scale: Option<&'a [f32]>,
+    pub shift: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Epilogue<'static> {
+    /// The accumulators as they are.
+    pub const NONE: Self = Self {
+        scale: None,
+        shift: None,
+        relu: false,
+    };
+}
+
+/// A convolution weight in the kernel's layout, made once for a weight that does not change
+/// (see [`crate::model::ParamStore::derived`]).
+pub struct PackedWeight {
+    /// The PyTorch-layout shape it was made from, `[out, in, kh, kw]`.
+    pub dims: [usize; 4],
+    data: Vec<f32>,
+}
+
+impl PackedWeight {
+    /// Packs `w` (`[out, in, kh, kw]`), if the kernel can use it on this CPU.
+    pub fn new(w: &[f32], dims: [usize; 4]) -> Option<Self> {
+        let [cout, cin, kh, kw] = dims;
+        let fits = available() && cout.is_multiple_of(NR) && w.len() == cout * cin * kh * kw;
+        fits.then(|| Self {
+            dims,
+            data: pack_panels(cout, cin, kh * kw, cin * kh * kw, w, |jp, c, t| {
+                (jp * NR * cin + c) * kh * kw + t
+            }),
+        })
+    }
+
+    /// The weight of the convolution that gives the input gradient of a stride-1 convolution
+    /// by `w` (`[out, in, kh, kw]`): `w'[c][o][kh−1−i][kw−1−j] = w[o][c][i][j]`, packed.
+    /// Its dims are `[in, out, kh, kw]`.
+    pub fn for_input_grad(w: &[f32], dims: [usize; 4]) -> Option<Self> {
+        let [cout, cin, kh, kw] = dims;
+        let kk = kh * kw;
+        let fits = available() && cin.is_multiple_of(NR) && w.len() == cout * cin * kk;
+        fits.then(|| Self {
+            dims: [cin, cout, kh, kw],
+            // Column `jj` of panel `jp` is input channel c = jp·NR + jj; row (t, o) reads
+            // w[o][c][kk − 1 − t].
+            data: pack_panels(cin, cout, kk, kk, w, |jp, o, t| {
+                (o * cin + jp * NR) * kk + kk - 1 - t
+            }),
+        })
+    }
+
+    /// [`Self::new`] of a CPU f32 tensor of rank 4.
+    pub fn from_tensor(w: &candle_core::Tensor) -> candle_core::Result<Option<Self>> {
+        let Ok(&[a, b, c, d]) = <&[usize; 4]>::try_from(w.dims()) else {
+            return Ok(None);
+        };
+        if !available() || !w.device().is_cpu() {
+            return Ok(None);
+        }
+        let v = w
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(Self::new(&v, [a, b, c, d]))
+    }
+}
+
+/// Panels `[cols / NR][kk·rows][NR]`: row `t·rows + r` of panel `jp` holds columns
+/// `jp·NR + jj`, read from `w[at(jp, r, t) + jj·stride]`. For a forward weight
+/// `[out, in, kh, kw]`, columns are outputs, rows input channels and `t` the tap.
+fn pack_panels(
+    cols: usize,
+    rows: usize,
+    kk: usize,
+    stride: usize,
+    w: &[f32],
+    at: impl Fn(usize, usize, usize) -> usize + Sync,
+) -> Vec<f32> {
+    /// Rows per block: a block's sources stay in L1 while each destination run of `NR` values
+    /// is gathered from them.
+    const RB: usize = 16;
+    assert_eq!(w.len(), cols * rows * kk, "conv_direct: weight size");
+    let mut out = scratch(w.len());
+    out.par_chunks_mut(rows * kk * NR)
+        .enumerate()
+        .for_each(|(jp, panel)| {
+            for r0 in (0..rows).step_by(RB) {
+                for t in 0..kk {
+                    for r in r0..(r0 + RB).min(rows) {
+                        let dst = &mut panel[(t * rows + r) * NR..][..NR];
+                        let src = &w[at(jp, r, t)..][..(NR - 1) * stride + 1];
+                        for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                            *d = *s;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// A vector of `n` values that the caller overwrites completely before reading.
+fn scratch(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and every caller writes all `n` values before
+    // any is read (the packed panels cover every (tap, channel, column); the tiles cover every
+    // output).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
+/// The input with `padding` zeros around every image (borrowed when there is no padding).
+fn pad_input<'a>(x: &'a [f32], g: &DirectGeom) -> std::borrow::Cow<'a, [f32]> {
+    let p = g.spec.padding;
+    if p == 0 {
+        return std::borrow::Cow::Borrowed(x);
+    }
+    let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
+    let mut out = vec![0f32; g.n * hp * wp * g.c];
+    out.par_chunks_mut(hp * wp * g.c)
+        .zip(x.par_chunks(g.h * g.w * g.c))
+        .for_each(|(dst, src)| {
+            for (i, row) in src.chunks_exact(g.w * g.c).enumerate() {
+                dst[((i + p) * wp + p) * g.c..][..g.w * g.c].copy_from_slice(row);
+            }
+        });
+    std::borrow::Cow::Owned(out)
+}
+
+/// Forward convolution of NHWC `x` (`[n, h, w, c]`) with the packed weight `w` (made from a
+/// `[out, in, kh, kw]` weight), the epilogue applied: NHWC `[n, ho, wo, out]`. The caller
+/// checks [`DirectGeom::supported`].
+pub fn forward(x: &[f32], w: &PackedWeight, g: &DirectGeom, epi: &Epilogue) -> Vec<f32> {
+    assert!(g.supported(), "conv_direct: unsupported convolution {g:?}");
+    assert_eq!(x.len(), g.n * g.h * g.w * g.c, "conv_direct: input size");
+    assert_eq!(
+        w.dims,
+        [g.cout, g.c, g.kh, g.kw],
+        "conv_direct: weight shape"
+    );
+    let s = g.spec;
+    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
+    let xp = pad_input(x, g);
+    let packed = &w.data[..];
+    let taps: Vec<usize> = (0..g.kh)
+        .flat_map(|ki| (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c))
+        .collect();
+    let p = g.n * g.ho * g.wo;
+    // Where each output pixel's window starts in the padded input.
+    let origin: Vec<usize> = (0..p)
+        .map(|i| {
+            let (n, r) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
+            let (oh, ow) = (r / g.wo, r % g.wo);
+            ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
+        })
+        .collect();
+    let k = g.c * g.kh * g.kw;
+    let panels = g.cout / NR;
+    let blocks = p.div_ceil(MR);
+    // Every tile stores all of its rows and columns.
+    let mut out = scratch(p * g.cout);
+    let dst = OutPtr(out.as_mut_ptr());
+    let (xp, packed, taps, origin) = (&xp[..], packed, &taps[..], &origin[..]);
+    let tile = |t: usize| {
+        let (jp, ib) = (t / blocks, t % blocks);
+        let i0 = ib * MR;
+        let rows = MR.min(p - i0);
+        // A short last block repeats its last pixel; only `rows` results are stored.
+        let mut org = [0usize; MR];
+        for (r, o) in org.iter_mut().enumerate() {
+            *o = origin[i0 + r.min(rows - 1)];
+        }
+        let j0 = jp * NR;
+        let scale = epi.scale.map(|v| &v[j0..j0 + NR]);
+        let shift = epi.shift.map(|v| &v[j0..j0 + NR]);
+        // SAFETY: `supported()` checked AVX-512; every origin + tap + channel lies inside
+        // the padded input (the output size was derived from it), the panel holds K×NR
+        // values, and this tile writes rows i0..i0+rows, columns j0..j0+NR, which no other
+        // tile writes.
+        unsafe {
+            micro(
+                xp,
+                &org,
+                taps,
+                g.c,
+                &packed[jp * k * NR..][..k * NR],
+                dst.at(i0 * g.cout + j0),
+                g.cout,
+                rows,
+                scale,
+                shift,
+                epi.relu,
+            )
+        }
+    };
+    let tiles = panels * blocks;
+    if rayon::current_num_threads() > 1 && p * k * g.cout >= 1 << 20 {
+        (0..tiles).into_par_iter().for_each(tile);
+    } else {
+        (0..tiles).for_each(tile);
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tiles write disjoint regions of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `off` elements further (a method, so closures capture the whole `OutPtr`).
+    fn at(self, off: usize) -> *mut f32 {
+        self.0.wrapping_add(off)
+    }
+}
+
+/// One tile: `MR` pixels (window origins `org` in `xp`) × `NR` channels of the panel `b`
+/// (`[taps·c][NR]`), the epilogue applied, `rows` rows stored at `out` (row stride `ld`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    xp: &[f32],
+    org: &[usize; MR],
+    taps: &[usize],
+    c: usize,
+    b: &[f32],
+    out: *mut f32,
+    ld: usize,
+    rows: usize,
+    scale: Option<&[f32]>,
+    shift: Option<&[f32]>,
+    relu: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let base = xp.as_ptr();
+    let mut bp = b.as_ptr();
+    for &t in taps {
+        let a: [*const f32; MR] = std::array::from_fn(|i| base.add(org[i] + t));
+        for ci in 0..c {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            bp = bp.add(NR);
+            for i in 0..MR {
+                let av = _mm512_set1_ps(*a[i].add(ci));
+                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+            }
+        }
+    }
+    let (s0, s1) = match scale {
+        Some(s) => (
+            _mm512_loadu_ps(s.as_ptr()),
+            _mm512_loadu_ps(s.as_ptr().add(16)),
+        ),
+        None => (_mm512_set1_ps(1.0), _mm512_set1_ps(1.0)),
+    };
+    let (h0, h1) = match shift {
+        Some(s) => (
+            _mm512_loadu_ps(s.as_ptr()),
+            _mm512_loadu_ps(s.as_ptr().add(16)),
+        ),
+        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+    };
+    let zero = _mm512_setzero_ps();
+    for (i, acc) in acc.iter().enumerate().take(rows) {
+        let mut v0 = _mm512_fmadd_ps(acc[0], s0, h0);
+        let mut v1 = _mm512_fmadd_ps(acc[1], s1, h1);
+        if relu {
+            v0 = _mm512_max_ps(v0, zero);
+            v1 = _mm512_max_ps(v1, zero);
+        }
+        let o = out.add(i * ld);
+        _mm512_storeu_ps(o, v0);
+        _mm512_storeu_ps(o.add(16), v1);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    _: &[f32],
+    _: &[usize; MR],
+    _: &[usize],
+    _: usize,
+    _: &[f32],
+    _: *mut f32,
+    _: usize,
+    _: usize,
+    _: Option<&[f32]>,
+    _: Option<&[f32]>,
+    _: bool,
+) {
+    unreachable!("conv_direct: available() is false off x86_64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// `y[n, oh, ow, o] = Σ x[n, ih, iw, c] · w[o, c, ki, kj]` in f64, NHWC.
+    fn naive(x: &[f32], w: &[f32], g: &DirectGeom) -> Vec<f64> {
+        let s = g.spec;
+        let mut y = vec![0f64; g.n * g.ho * g.wo * g.cout];
+        for n in 0..g.n {
+            for oh in 0..g.ho {
+                for ow in 0..g.wo {
+                    for o in 0..g.cout {
+                        let mut acc = 0f64;
+                        for ki in 0..g.kh {
+                            for kj in 0..g.kw {
+                                let ih =
+                                    (oh * s.stride + ki * s.dilation) as isize - s.padding as isize;
+                                let iw =
+                                    (ow * s.stride + kj * s.dilation) as isize - s.padding as isize;
+                                if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
+                                    continue;
+                                }
+                                for c in 0..g.c {
+                                    let xv =
+                                        x[((n * g.h + ih as usize) * g.w + iw as usize) * g.c + c];
+                                    let wv = w[((o * g.c + c) * g.kh + ki) * g.kw + kj];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        y[((n * g.ho + oh) * g.wo + ow) * g.cout + o] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn geom(n: usize, h: usize, c: usize, cout: usize, k: usize, spec: ConvSpec) -> DirectGeom {
+        let o = spec.out_size(h, k).unwrap();
+        DirectGeom {
+            n,
+            h,
+            w: h + 1,
+            c,
+            cout,
+            kh: k,
+            kw: k,
+            ho: o,
+            wo: spec.out_size(h + 1, k).unwrap(),
+            spec,
+        }
+    }
+
+    fn spec(stride: usize, padding: usize, dilation: usize) -> ConvSpec {
+        ConvSpec {
+            stride,
+            padding,
+            dilation,
+            groups: 1,
+        }
+    }
+
+    #[test]
+    fn forward_matches_a_scalar_reference_with_the_epilogue() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+            return;
+        }
+        let mut r = Rng::new(11);
+        // Pixel counts that are and are not multiples of MR; strides, padding, dilation.
+        for g in [
+            geom(2, 7, 3, 32, 3, spec(1, 1, 1)),
+            geom(1, 9, 5, 64, 7, spec(2, 3, 1)),
+            geom(3, 6, 16, 32, 1, spec(2, 0, 1)),
+            geom(1, 11, 8, 96, 3, spec(1, 2, 2)),
+            geom(2, 4, 33, 32, 3, spec(3, 1, 1)),
+        ] {
+            let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let w: Vec<f32> = (0..g.cout * g.c * g.kh * g.kw)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let scale: Vec<f32> = (0..g.cout).map(|_| r.next_f32() + 0.5).collect();
+            let shift: Vec<f32> = (0..g.cout).map(|_| r.next_f32() - 0.5).collect();
+            let want = naive(&x, &w, &g);
+            let pw = PackedWeight::new(&w, [g.cout, g.c, g.kh, g.kw]).unwrap();
+            let plain = forward(&x, &pw, &g, &Epilogue::NONE);
+            let epi = Epilogue {
+                scale: Some(&scale),
+                shift: Some(&shift),
+                relu: true,
+            };
+            let fused = forward(&x, &pw, &g, &epi);
+            for (i, &v) in want.iter().enumerate() {
+                let o = i % g.cout;
+                assert!((plain[i] as f64 - v).abs() < 1e-4, "{g:?} at {i}");
+                let f = (v * scale[o] as f64 + shift[o] as f64).max(0.0);
+                assert!((fused[i] as f64 - f).abs() < 1e-4, "{g:?} fused at {i}");
+            }
+        }
+    }
+
+    /// The input gradient through the transposed, flipped weight equals the gradient of the
+    /// forward convolution, scattered back by a scalar reference.
+    #[test]
+    fn input_grad_matches_a_scalar_reference() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+            return;
+        }
+        let mut r = Rng::new(12);
+        for (h, c, cout, k, pad, dil) in [
+            (6, 32, 32, 3, 1, 1),
+            (7, 32, 64, 3, 2, 2),
+            (5, 64, 32, 5, 1, 1),
+        ] {
+            let g = geom(2, h, c, cout, k, spec(1, pad, dil));
+            let w: Vec<f32> = (0..g.cout * c * k * k)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let dy: Vec<f32> = (0..g.n * g.ho * g.wo * cout)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let mut want = vec![0f64; g.n * g.h * g.w * c];
+            for n in 0..g.n {
+                for oh in 0..g.ho {
+                    for ow in 0..g.wo {
+                        for ki in 0..k {
+                            for kj in 0..k {
+                                let ih = (oh + ki * dil) as isize - pad as isize;
+                                let iw = (ow + kj * dil) as isize - pad as isize;
+                                if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
+                                    continue;
+                                }
+                                let at = ((n * g.h + ih as usize) * g.w + iw as usize) * c;
+                                for o in 0..cout {
+                                    let d = dy[((n * g.ho + oh) * g.wo + ow) * cout + o] as f64;
+                                    for ci in 0..c {
+                                        want[at + ci] +=
+                                            d * w[((o * c + ci) * k + ki) * k + kj] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let t = DirectGeom {
+                h: g.ho,
+                w: g.wo,
+                c: cout,
+                cout: c,
+                ho: g.h,
+                wo: g.w,
+                spec: spec(1, dil * (k - 1) - pad, dil),
+                ..g
+            };
+            let pw = PackedWeight::for_input_grad(&w, [cout, c, k, k]).unwrap();
+            let dx = forward(&dy, &pw, &t, &Epilogue::NONE);
+            for (i, (&a, &b)) in dx.iter().zip(&want).enumerate() {
+                assert!((a as f64 - b).abs() < 1e-4, "{g:?} at {i}: {a} vs {b}");
+            }
+        }
+    }
+}
