@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::kernels::op_f32;
 use super::kernels::update_in_place;
+use super::vecmath::dispatch_wide;
 
 /// Rows per partial sum: the reduction order depends only on the shape, not on the threads.
 const ROWS: usize = 256;
@@ -21,15 +22,14 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// Per-channel sums of `f(row)` over the rows of `x` (`[rows, c]`), in f64, in a fixed order.
+/// Per-channel sums of `f(block, acc)` over blocks of [`ROWS`] rows of `x` (`[rows, c]`), in
+/// f64, in a fixed order.
 fn channel_sums(x: &[f32], c: usize, f: impl Fn(&[f32], &mut [f64]) + Sync) -> Vec<f64> {
     let parts: Vec<Vec<f64>> = x
         .par_chunks(ROWS * c)
         .map(|chunk| {
             let mut acc = vec![0f64; c];
-            for row in chunk.chunks_exact(c) {
-                f(row, &mut acc);
-            }
+            f(chunk, &mut acc);
             acc
         })
         .collect();
@@ -40,24 +40,105 @@ fn channel_sums(x: &[f32], c: usize, f: impl Fn(&[f32], &mut [f64]) + Sync) -> V
     total
 }
 
-/// Mean and biased variance of each channel.
-fn moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = (x.len() / c).max(1) as f64;
-    let sum = channel_sums(x, c, |row, acc| {
-        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64)
-    });
-    let mean: Vec<f64> = sum.iter().map(|s| s / rows).collect();
-    let sq = channel_sums(x, c, |row, acc| {
-        for ((a, &v), m) in acc.iter_mut().zip(row).zip(&mean) {
+dispatch_wide!(add_rows(x: &[f32], acc: &mut [f64]) {
+    for row in x.chunks_exact(acc.len()) {
+        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+    }
+});
+
+dispatch_wide!(add_squared_deviations(x: &[f32], mean: &[f64], acc: &mut [f64]) {
+    for row in x.chunks_exact(acc.len()) {
+        for ((a, &v), m) in acc.iter_mut().zip(row).zip(mean) {
             let d = v as f64 - m;
             *a += d * d;
         }
-    });
+    }
+});
+
+// `o = max(x·scale + shift, 0)` per channel (the ReLU only with `relu`), rows of `c` values.
+dispatch_wide!(affine_rows(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, o: &mut [f32]) {
+    let c = scale.len();
+    for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for (((o, &x), &a), &b) in o.iter_mut().zip(x).zip(scale).zip(shift) {
+            let v = x * a + b;
+            *o = if relu { v.max(0.0) } else { v };
+        }
+    }
+});
+
+/// Mean and biased variance of each channel.
+fn moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = (x.len() / c).max(1) as f64;
+    let sum = channel_sums(x, c, add_rows);
+    let mean: Vec<f64> = sum.iter().map(|s| s / rows).collect();
+    let sq = channel_sums(x, c, |x, acc| add_squared_deviations(x, &mean, acc));
     (
         mean.iter().map(|&m| m as f32).collect(),
         sq.iter().map(|s| (s / rows) as f32).collect(),
     )
 }
+
+/// The gradient reaching the batch norm's output: `dy`, or `dy · [y > 0]` through its ReLU.
+#[inline(always)]
+fn masked(dy: f32, y: f32, relu: bool) -> f32 {
+    // As the ReLU's own backward: the gradient passes where the output is positive (a NaN
+    // output passes none).
+    if !relu || y > 0.0 {
+        dy
+    } else {
+        0.0
+    }
+}
+
+/// What the backward kernels read besides the activations: the batch statistics, the fused
+/// ReLU, and (for the input gradient) `k = γ·inv / n`, `Σdy`, `Σdy·x̂` and `n`.
+struct Back<'a> {
+    mean: &'a [f32],
+    inv: &'a [f32],
+    relu: bool,
+    k: &'a [f32],
+    dbeta: &'a [f32],
+    dgamma: &'a [f32],
+    nf: f32,
+}
+
+// `acc[..c] += Σ dy`, `acc[c..] += Σ dy·x̂` over rows of `c` values (`dy` masked by the
+// output `y` through the fused ReLU).
+dispatch_wide!(grad_sums(x: &[f32], dy: &[f32], y: &[f32], p: &Back, acc: &mut [f32]) {
+    let c = p.mean.len();
+    let (mean, inv) = (&p.mean[..c], &p.inv[..c]);
+    let (a, b) = acc.split_at_mut(c);
+    let (a, b) = (&mut a[..c], &mut b[..c]);
+    for ((x, dy), y) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(y.chunks_exact(c)) {
+        let (x, dy, y) = (&x[..c], &dy[..c], &y[..c]);
+        for j in 0..c {
+            let d = masked(dy[j], y[j], p.relu);
+            let xh = (x[j] - mean[j]) * inv[j];
+            a[j] += d;
+            b[j] += d * xh;
+        }
+    }
+});
+
+// The input gradient `k·(n·dy − Σdy − x̂·Σdy·x̂)` over rows of `c` values.
+dispatch_wide!(grad_input_rows(x: &[f32], dy: &[f32], y: &[f32], p: &Back, o: &mut [f32]) {
+    let c = p.mean.len();
+    let (mean, inv, k) = (&p.mean[..c], &p.inv[..c], &p.k[..c]);
+    let (dbeta, dgamma) = (&p.dbeta[..c], &p.dgamma[..c]);
+    for (((o, x), dy), y) in o
+        .chunks_exact_mut(c)
+        .zip(x.chunks_exact(c))
+        .zip(dy.chunks_exact(c))
+        .zip(y.chunks_exact(c))
+    {
+        let (o, x, dy, y) = (&mut o[..c], &x[..c], &dy[..c], &y[..c]);
+        for j in 0..c {
+            let d = masked(dy[j], y[j], p.relu);
+            let xh = (x[j] - mean[j]) * inv[j];
+            o[j] = k[j] * (p.nf * d - dbeta[j] - xh * dgamma[j]);
+        }
+    }
+});
 
 /// Training-mode forward: `(x [.., c], weight [c], bias [c])` → normalized output. Keeps the
 /// batch mean and inverse standard deviation for the backward pass.
@@ -101,16 +182,7 @@ impl CustomOp3 for BnTrain {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(ROWS * c)
             .zip(x.par_chunks(ROWS * c))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    for j in 0..c {
-                        o[j] = x[j] * scale[j] + shift[j];
-                    }
-                    if self.relu {
-                        o.iter_mut().for_each(|v| *v = v.max(0.0));
-                    }
-                }
-            });
+            .for_each(|(o, x)| affine_rows(x, &scale, &shift, self.relu, o));
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { mean, inv, var });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -123,11 +195,6 @@ impl CustomOp3 for BnTrain {
         res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = &if self.relu {
-            super::act::relu_grad(res, dy)?
-        } else {
-            dy.clone()
-        };
         let Some(Saved { mean, inv, .. }) =
             self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone()
         else {
@@ -135,33 +202,44 @@ impl CustomOp3 for BnTrain {
         };
         let x = &x.contiguous()?;
         let dy = &dy.contiguous()?;
+        let res = &res.contiguous()?;
         let c = mean.len();
         let g = to_vec(gamma)?;
         let (xs, xl) = x.storage_and_layout();
         let (ds, dl) = dy.storage_and_layout();
-        let (xv, dyv) = match (&*xs, &*ds) {
-            (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => (
+        let (ys, yl) = res.storage_and_layout();
+        let (xv, dyv, yv) = match (&*xs, &*ds, &*ys) {
+            (
+                candle_core::Storage::Cpu(a),
+                candle_core::Storage::Cpu(b),
+                candle_core::Storage::Cpu(r),
+            ) => (
                 op_f32(a, xl, "batch norm", "the input")?,
                 op_f32(b, dl, "batch norm", "the gradient")?,
+                op_f32(r, yl, "batch norm", "the output")?,
             ),
             _ => candle_core::bail!("batch norm: CPU tensors expected"),
         };
         let rows = (xv.len() / c).max(1);
-        // dbeta = Σ dy, dgamma = Σ dy·x̂ (f32 within a block of rows, f64 across blocks).
+        let mut p = Back {
+            mean: &mean,
+            inv: &inv,
+            relu: self.relu,
+            k: &[],
+            dbeta: &[],
+            dgamma: &[],
+            nf: rows as f32,
+        };
+        // dbeta = Σ dy, dgamma = Σ dy·x̂ (f32 within a block of rows, f64 across blocks); the
+        // ReLU's mask is applied to dy on the fly.
         let sums = {
+            let p = &p;
             let parts: Vec<Vec<f32>> = xv
                 .par_chunks(ROWS * c)
-                .zip(dyv.par_chunks(ROWS * c))
-                .map(|(x, dy)| {
+                .zip(dyv.par_chunks(ROWS * c).zip(yv.par_chunks(ROWS * c)))
+                .map(|(x, (dy, y))| {
                     let mut acc = vec![0f32; 2 * c];
-                    for (x, dy) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
-                        let (a, b) = acc.split_at_mut(c);
-                        for j in 0..c {
-                            let xh = (x[j] - mean[j]) * inv[j];
-                            a[j] += dy[j];
-                            b[j] += dy[j] * xh;
-                        }
-                    }
+                    grad_sums(x, dy, y, p, &mut acc);
                     acc
                 })
                 .collect();
@@ -176,21 +254,13 @@ impl CustomOp3 for BnTrain {
         let dx = if x.track_op() {
             let nf = rows as f32;
             let k: Vec<f32> = (0..c).map(|j| g[j] * inv[j] / nf).collect();
+            (p.k, p.dbeta, p.dgamma) = (&k, &dbeta, &dgamma);
+            let p = &p;
             let mut dx = vec![0f32; xv.len()];
             dx.par_chunks_mut(ROWS * c)
                 .zip(xv.par_chunks(ROWS * c).zip(dyv.par_chunks(ROWS * c)))
-                .for_each(|(o, (x, dy))| {
-                    for ((o, x), dy) in o
-                        .chunks_exact_mut(c)
-                        .zip(x.chunks_exact(c))
-                        .zip(dy.chunks_exact(c))
-                    {
-                        for j in 0..c {
-                            let xh = (x[j] - mean[j]) * inv[j];
-                            o[j] = k[j] * (nf * dy[j] - dbeta[j] - xh * dgamma[j]);
-                        }
-                    }
-                });
+                .zip(yv.par_chunks(ROWS * c))
+                .for_each(|((o, (x, dy)), y)| grad_input_rows(x, dy, y, p, o));
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             None
