@@ -150,11 +150,96 @@ struct BnTrain {
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
+/// The batch statistics of a training-mode forward pass.
 #[derive(Clone)]
-struct Saved {
-    mean: Vec<f32>,
-    inv: Vec<f32>,
-    var: Vec<f32>,
+pub(crate) struct Saved {
+    pub mean: Vec<f32>,
+    pub inv: Vec<f32>,
+    /// Biased variance.
+    pub var: Vec<f32>,
+}
+
+/// Training-mode batch norm of `x` (rows of `c = gamma.len()` channels) with the batch's own
+/// statistics, and a ReLU when `relu`: the output and the statistics.
+pub(crate) fn train_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    relu: bool,
+) -> (Vec<f32>, Saved) {
+    let c = gamma.len();
+    let (mean, var) = moments(x, c);
+    let inv: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<f32> = inv.iter().zip(gamma).map(|(i, g)| i * g).collect();
+    let shift: Vec<f32> = (0..c).map(|j| beta[j] - mean[j] * scale[j]).collect();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c))
+        .for_each(|(o, x)| affine_rows(x, &scale, &shift, relu, o));
+    (out, Saved { mean, inv, var })
+}
+
+/// The backward pass of [`train_forward`]: from its input `x`, output `y` and the output's
+/// gradient `dy`, the gradients of the input (when `need_dx`), `gamma` and `beta`.
+pub(crate) fn train_backward(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    saved: &Saved,
+    gamma: &[f32],
+    relu: bool,
+    need_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let (mean, inv) = (&saved.mean, &saved.inv);
+    let c = mean.len();
+    let rows = (x.len() / c).max(1);
+    let mut p = Back {
+        mean,
+        inv,
+        relu,
+        k: &[],
+        dbeta: &[],
+        dgamma: &[],
+        nf: rows as f32,
+    };
+    // dbeta = Σ dy, dgamma = Σ dy·x̂ (f32 within a block of rows, f64 across blocks); the
+    // ReLU's mask is applied to dy on the fly.
+    let sums = {
+        let p = &p;
+        let parts: Vec<Vec<f32>> = x
+            .par_chunks(ROWS * c)
+            .zip(dy.par_chunks(ROWS * c).zip(y.par_chunks(ROWS * c)))
+            .map(|(x, (dy, y))| {
+                let mut acc = vec![0f32; 2 * c];
+                grad_sums(x, dy, y, p, &mut acc);
+                acc
+            })
+            .collect();
+        let mut t = vec![0f64; 2 * c];
+        for p in parts {
+            t.iter_mut().zip(&p).for_each(|(t, &v)| *t += v as f64);
+        }
+        t
+    };
+    let dbeta: Vec<f32> = sums[..c].iter().map(|&v| v as f32).collect();
+    let dgamma: Vec<f32> = sums[c..].iter().map(|&v| v as f32).collect();
+    let k: Vec<f32> = if need_dx {
+        (0..c).map(|j| gamma[j] * inv[j] / rows as f32).collect()
+    } else {
+        Vec::new()
+    };
+    let dx = need_dx.then(|| {
+        (p.k, p.dbeta, p.dgamma) = (&k, &dbeta, &dgamma);
+        let p = &p;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(ROWS * c)
+            .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
+            .zip(y.par_chunks(ROWS * c))
+            .for_each(|((o, (x, dy)), y)| grad_input_rows(x, dy, y, p, o));
+        dx
+    });
+    (dx, dgamma, dbeta)
 }
 
 impl CustomOp3 for BnTrain {
@@ -174,16 +259,8 @@ impl CustomOp3 for BnTrain {
         let x = op_f32(s1, l1, "batch norm", "the input")?;
         let gamma = op_f32(s2, l2, "batch norm", "the weight")?;
         let beta = op_f32(s3, l3, "batch norm", "the bias")?;
-        let c = gamma.len();
-        let (mean, var) = moments(x, c);
-        let inv: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let scale: Vec<f32> = inv.iter().zip(gamma).map(|(i, g)| i * g).collect();
-        let shift: Vec<f32> = (0..c).map(|j| beta[j] - mean[j] * scale[j]).collect();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c))
-            .for_each(|(o, x)| affine_rows(x, &scale, &shift, self.relu, o));
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { mean, inv, var });
+        let (out, saved) = train_forward(x, gamma, beta, self.eps, self.relu);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -195,15 +272,13 @@ impl CustomOp3 for BnTrain {
         res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(Saved { mean, inv, .. }) =
-            self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        else {
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             candle_core::bail!("batch norm: backward before forward")
         };
         let x = &x.contiguous()?;
         let dy = &dy.contiguous()?;
         let res = &res.contiguous()?;
-        let c = mean.len();
+        let c = saved.mean.len();
         let g = to_vec(gamma)?;
         let (xs, xl) = x.storage_and_layout();
         let (ds, dl) = dy.storage_and_layout();
@@ -220,51 +295,10 @@ impl CustomOp3 for BnTrain {
             ),
             _ => candle_core::bail!("batch norm: CPU tensors expected"),
         };
-        let rows = (xv.len() / c).max(1);
-        let mut p = Back {
-            mean: &mean,
-            inv: &inv,
-            relu: self.relu,
-            k: &[],
-            dbeta: &[],
-            dgamma: &[],
-            nf: rows as f32,
-        };
-        // dbeta = Σ dy, dgamma = Σ dy·x̂ (f32 within a block of rows, f64 across blocks); the
-        // ReLU's mask is applied to dy on the fly.
-        let sums = {
-            let p = &p;
-            let parts: Vec<Vec<f32>> = xv
-                .par_chunks(ROWS * c)
-                .zip(dyv.par_chunks(ROWS * c).zip(yv.par_chunks(ROWS * c)))
-                .map(|(x, (dy, y))| {
-                    let mut acc = vec![0f32; 2 * c];
-                    grad_sums(x, dy, y, p, &mut acc);
-                    acc
-                })
-                .collect();
-            let mut t = vec![0f64; 2 * c];
-            for p in parts {
-                t.iter_mut().zip(&p).for_each(|(t, &v)| *t += v as f64);
-            }
-            t
-        };
-        let dbeta: Vec<f32> = sums[..c].iter().map(|&v| v as f32).collect();
-        let dgamma: Vec<f32> = sums[c..].iter().map(|&v| v as f32).collect();
-        let dx = if x.track_op() {
-            let nf = rows as f32;
-            let k: Vec<f32> = (0..c).map(|j| g[j] * inv[j] / nf).collect();
-            (p.k, p.dbeta, p.dgamma) = (&k, &dbeta, &dgamma);
-            let p = &p;
-            let mut dx = vec![0f32; xv.len()];
-            dx.par_chunks_mut(ROWS * c)
-                .zip(xv.par_chunks(ROWS * c).zip(dyv.par_chunks(ROWS * c)))
-                .zip(yv.par_chunks(ROWS * c))
-                .for_each(|((o, (x, dy)), y)| grad_input_rows(x, dy, y, p, o));
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
+        let (dx, dgamma, dbeta) = train_backward(xv, yv, dyv, &saved, &g, self.relu, x.track_op());
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+            .transpose()?;
         let dev = x.device();
         Ok((
             dx,
@@ -372,7 +406,7 @@ impl BatchNorm2d {
 
     /// Folds one training batch's statistics (`rows` values per channel; biased variance)
     /// into the running ones, as PyTorch does: unbiased variance, momentum-weighted average.
-    fn track(&self, mean: &[f32], var: &[f32], rows: usize) -> candle_core::Result<()> {
+    pub(crate) fn track(&self, mean: &[f32], var: &[f32], rows: usize) -> candle_core::Result<()> {
         let unbias = if rows > 1 {
             rows as f32 / (rows - 1) as f32
         } else {

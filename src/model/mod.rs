@@ -19,6 +19,7 @@ pub mod mlp;
 pub mod pool;
 pub mod pretrained;
 pub mod resnet;
+mod resnet_train;
 mod store;
 pub mod vecmath;
 

@@ -42,48 +42,9 @@ impl CustomOp1 for MaxPool {
         let &[n, h, w, c] = l.dims() else {
             candle_core::bail!("max pool: expected [n, h, w, c], got {:?}", l.dims())
         };
-        let p = self.spec;
-        let (ho, wo) = (p.out(h)?, p.out(w)?);
-        let mut out = vec![0f32; n * ho * wo * c];
-        let mut arg = vec![0u32; out.len()];
-        out.par_chunks_mut(ho * wo * c)
-            .zip(arg.par_chunks_mut(ho * wo * c))
-            .enumerate()
-            .for_each(|(b, (o, a))| {
-                let base = b * h * w * c;
-                for oh in 0..ho {
-                    for ow in 0..wo {
-                        let o = &mut o[(oh * wo + ow) * c..][..c];
-                        let a = &mut a[(oh * wo + ow) * c..][..c];
-                        o.fill(f32::NEG_INFINITY);
-                        for ki in 0..p.kernel {
-                            let ih = (oh * p.stride + ki) as isize - p.padding as isize;
-                            if ih < 0 || ih as usize >= h {
-                                continue;
-                            }
-                            for kj in 0..p.kernel {
-                                let iw = (ow * p.stride + kj) as isize - p.padding as isize;
-                                if iw < 0 || iw as usize >= w {
-                                    continue;
-                                }
-                                let at = base + (ih as usize * w + iw as usize) * c;
-                                let xs = &x[at..at + c];
-                                // Branch-free selects, so that the loop vectorizes. A NaN is
-                                // taken over a number, as PyTorch propagates it.
-                                for (j, ((o, a), &v)) in
-                                    o.iter_mut().zip(a.iter_mut()).zip(xs).enumerate()
-                                {
-                                    let take = (v > *o) | (v.is_nan() & !o.is_nan());
-                                    *o = if take { v } else { *o };
-                                    *a = if take { (at + j) as u32 } else { *a };
-                                }
-                            }
-                        }
-                    }
-                }
-            });
+        let (out, arg, dims) = max_pool_forward(x, [n, h, w, c], self.spec)?;
         *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = arg;
-        Ok((CpuStorage::F32(out), Shape::from((n, ho, wo, c))))
+        Ok((CpuStorage::F32(out), Shape::from(dims.to_vec())))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -96,21 +57,76 @@ impl CustomOp1 for MaxPool {
         let &[n, h, w, c] = x.dims() else {
             candle_core::bail!("max pool: bad input shape")
         };
-        let per_in = h * w * c;
-        let per_out = dy.len() / n.max(1);
-        let mut dx = vec![0f32; x.elem_count()];
-        // Each image's outputs only reach that image's inputs: one task per image.
-        dx.par_chunks_mut(per_in).enumerate().for_each(|(b, d)| {
-            let (a, g) = (
-                &arg[b * per_out..][..per_out],
-                &dy[b * per_out..][..per_out],
-            );
-            for (&i, &g) in a.iter().zip(g) {
-                d[i as usize - b * per_in] += g;
-            }
-        });
+        let dx = max_pool_backward(&arg, &dy, n, h * w * c);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+/// Max pooling of NHWC `x` (`dims`): the output, the flat input index of each output's
+/// maximum, and the output dims.
+pub(crate) fn max_pool_forward(
+    x: &[f32],
+    [n, h, w, c]: [usize; 4],
+    p: PoolSpec,
+) -> candle_core::Result<(Vec<f32>, Vec<u32>, [usize; 4])> {
+    let (ho, wo) = (p.out(h)?, p.out(w)?);
+    let mut out = vec![0f32; n * ho * wo * c];
+    let mut arg = vec![0u32; out.len()];
+    out.par_chunks_mut(ho * wo * c)
+        .zip(arg.par_chunks_mut(ho * wo * c))
+        .enumerate()
+        .for_each(|(b, (o, a))| {
+            let base = b * h * w * c;
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    let o = &mut o[(oh * wo + ow) * c..][..c];
+                    let a = &mut a[(oh * wo + ow) * c..][..c];
+                    o.fill(f32::NEG_INFINITY);
+                    for ki in 0..p.kernel {
+                        let ih = (oh * p.stride + ki) as isize - p.padding as isize;
+                        if ih < 0 || ih as usize >= h {
+                            continue;
+                        }
+                        for kj in 0..p.kernel {
+                            let iw = (ow * p.stride + kj) as isize - p.padding as isize;
+                            if iw < 0 || iw as usize >= w {
+                                continue;
+                            }
+                            let at = base + (ih as usize * w + iw as usize) * c;
+                            let xs = &x[at..at + c];
+                            // Branch-free selects, so that the loop vectorizes. A NaN is
+                            // taken over a number, as PyTorch propagates it.
+                            for (j, ((o, a), &v)) in
+                                o.iter_mut().zip(a.iter_mut()).zip(xs).enumerate()
+                            {
+                                let take = (v > *o) | (v.is_nan() & !o.is_nan());
+                                *o = if take { v } else { *o };
+                                *a = if take { (at + j) as u32 } else { *a };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    Ok((out, arg, [n, ho, wo, c]))
+}
+
+/// The input gradient of a max pool over `n` images of `per_in` values: each output's gradient
+/// goes to its maximum (`arg`, from [`max_pool_forward`]).
+pub(crate) fn max_pool_backward(arg: &[u32], dy: &[f32], n: usize, per_in: usize) -> Vec<f32> {
+    let per_out = dy.len() / n.max(1);
+    let mut dx = vec![0f32; n * per_in];
+    // Each image's outputs only reach that image's inputs: one task per image.
+    dx.par_chunks_mut(per_in).enumerate().for_each(|(b, d)| {
+        let (a, g) = (
+            &arg[b * per_out..][..per_out],
+            &dy[b * per_out..][..per_out],
+        );
+        for (&i, &g) in a.iter().zip(g) {
+            d[i as usize - b * per_in] += g;
+        }
+    });
+    dx
 }
 
 /// `x` with `before` and `after` slices of the lowest f32 added along `dim`.

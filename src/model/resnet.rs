@@ -58,7 +58,7 @@ impl Freeze {
 }
 
 /// The stem convolution: 7×7, stride 2, padding 3.
-const STEM: ConvSpec = ConvSpec {
+pub(crate) const STEM: ConvSpec = ConvSpec {
     stride: 2,
     padding: 3,
     dilation: 1,
@@ -67,17 +67,18 @@ const STEM: ConvSpec = ConvSpec {
 
 /// A convolution followed by batch norm, by parameter prefix.
 #[derive(Debug, Clone)]
-struct ConvBn {
-    conv: String,
-    bn: String,
-    spec: ConvSpec,
+pub(crate) struct ConvBn {
+    pub conv: String,
+    pub bn: String,
+    pub spec: ConvSpec,
 }
 
+/// A residual block: its layers and the shortcut's projection, if any.
 #[derive(Debug, Clone)]
-struct Block {
+pub(crate) struct Block {
     /// `conv1/bn1`, `conv2/bn2` (and `conv3/bn3` for a bottleneck).
-    layers: Vec<ConvBn>,
-    downsample: Option<ConvBn>,
+    pub layers: Vec<ConvBn>,
+    pub downsample: Option<ConvBn>,
 }
 
 /// The options of [`ResNet::new`].
@@ -226,6 +227,21 @@ impl ResNet {
 
     pub fn config(&self) -> &ResNetConfig {
         &self.cfg
+    }
+
+    /// The residual blocks, in order.
+    pub(crate) fn block_list(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// The BatchNorm layer with parameter prefix `prefix`.
+    pub(crate) fn batch_norm(&self, prefix: &str) -> candle_core::Result<BatchNorm2d> {
+        self.bn(prefix)
+    }
+
+    /// A batch of flat images as the stem's NHWC input.
+    pub(crate) fn nhwc_input(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.to_nhwc(xs)
     }
 
     /// Width of the pooled features the head reads.
@@ -380,6 +396,22 @@ impl Model for ResNet {
 
     fn cached_features(&self) -> Option<usize> {
         (self.cfg.freeze == Freeze::Backbone).then_some(self.features)
+    }
+
+    /// Trains through [`super::resnet_train`] (no autograd graph) where it applies.
+    fn loss_and_grad(
+        &self,
+        batch: &crate::data::Batch,
+        loss: super::Loss,
+        ctx: &mut ModelCtx,
+        params: &[super::Param],
+        grads: &mut super::Grads,
+        scale: f32,
+    ) -> Result<f64> {
+        if self.native_step(batch, loss, ctx) {
+            return self.native_loss_and_grad(batch, grads, scale);
+        }
+        super::autograd_loss_and_grad(self, batch, loss, ctx, params, grads, scale)
     }
 
     fn features(&self, xs: &Tensor, _mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
