@@ -509,6 +509,51 @@ pub fn conv2d_backward_weight(
     conv2d_backward_weight_cols(x, xs, dy, ws, s, None)
 }
 
+/// Adds the weight gradient (as [`conv2d_backward_weight`]) into `out` (`[out, in/groups, kh,
+/// kw]`). Where the im2col columns are already in the weight's order (few output pixels: the
+/// later, larger layers), the product accumulates straight into `out`.
+pub fn conv2d_backward_weight_add(
+    x: &[f32],
+    xs: &[usize],
+    dy: &[f32],
+    ws: &[usize],
+    s: ConvSpec,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    let g = Geom::new(xs, ws, s)?;
+    let (p, k, cog) = (g.p(), g.k(), g.cout_g());
+    if out.len() != g.cout * k {
+        candle_core::bail!("conv2d: {} gradient values for a weight {ws:?}", out.len());
+    }
+    if g.channel_inner() || g.pointwise() {
+        let dw = conv2d_backward_weight(x, xs, dy, ws, s)?;
+        out.par_chunks_mut(1 << 15)
+            .zip(dw.par_chunks(1 << 15))
+            .for_each(|(o, d)| o.iter_mut().zip(d).for_each(|(o, &d)| *o += d));
+        return Ok(());
+    }
+    with_cols(p * k, |col| {
+        for gi in 0..g.groups() {
+            im2col(x, &g, gi, col);
+            gemm_tiled(
+                cog,
+                k,
+                p,
+                &mut out[gi * cog * k..],
+                k,
+                true,
+                &dy[gi * cog..],
+                1,
+                g.cout,
+                col,
+                k,
+                1,
+            );
+        }
+    });
+    Ok(())
+}
+
 fn conv2d_backward_weight_cols(
     x: &[f32],
     xs: &[usize],

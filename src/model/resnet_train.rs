@@ -15,7 +15,7 @@
 use super::Model;
 
 use super::batchnorm::{train_backward, train_forward, Saved};
-use super::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward};
+use super::conv::{conv2d_backward_input, conv2d_backward_weight_add, conv2d_forward};
 use super::kernels::{gemm, with_f32};
 use super::pool::{max_pool_backward, max_pool_forward, PoolSpec};
 use super::resnet::{ConvBn, Freeze, ResNet, STEM};
@@ -156,8 +156,10 @@ impl ResNet {
         let wname = format!("{}.weight", l.conv);
         let ws = self.weight_dims(&wname)?;
         let x = &tape.acts[t.input];
-        let dw = conv2d_backward_weight(x, &t.in_dims, &dz, &ws, l.spec)?;
-        add_grad(grads, &wname, &dw)?;
+        let buf = grads.get_mut(&wname).ok_or_else(|| {
+            candle_core::Error::Msg(format!("resnet: no gradient buffer for `{wname}`"))
+        })?;
+        conv2d_backward_weight_add(x, &t.in_dims, &dz, &ws, l.spec, buf)?;
         if !need_dx {
             return Ok(None);
         }
