@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use super::conv::ConvSpec;
+use super::kernels::DstPtr;
 
 /// Output pixels per micro-kernel call.
 const MR: usize = 12;
@@ -228,7 +229,7 @@ pub fn forward(x: &[f32], w: &PackedWeight, g: &DirectGeom, epi: &Epilogue) -> V
     let blocks = p.div_ceil(MR);
     // Every tile stores all of its rows and columns.
     let mut out = scratch(p * g.cout);
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = DstPtr(out.as_mut_ptr());
     let (xp, packed, taps, origin) = (&xp[..], packed, &taps[..], &origin[..]);
     let tile = |t: usize| {
         let (jp, ib) = (t / blocks, t % blocks);
@@ -269,19 +270,6 @@ pub fn forward(x: &[f32], w: &PackedWeight, g: &DirectGeom, epi: &Epilogue) -> V
         (0..tiles).for_each(tile);
     }
     out
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tiles write disjoint regions of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `off` elements further (a method, so closures capture the whole `OutPtr`).
-    fn at(self, off: usize) -> *mut f32 {
-        self.0.wrapping_add(off)
-    }
 }
 
 /// One tile: `MR` pixels (window origins `org` in `xp`) × `NR` channels of the panel `b`

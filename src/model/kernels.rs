@@ -212,14 +212,15 @@ fn column_tile(n: usize) -> usize {
 
 /// A raw output pointer that tiles of one product share; each tile writes a disjoint region.
 #[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-// SAFETY: `gemm_tiled` hands every thread a disjoint set of output tiles.
+pub(crate) struct DstPtr(pub(crate) *mut f32);
+// SAFETY: its users (`gemm_tiled`, the direct convolution) hand every thread a disjoint set of
+// output tiles.
 unsafe impl Send for DstPtr {}
 unsafe impl Sync for DstPtr {}
 
 impl DstPtr {
     /// The pointer `off` elements further (a method, so closures capture the whole `DstPtr`).
-    fn at(self, off: usize) -> *mut f32 {
+    pub(crate) fn at(self, off: usize) -> *mut f32 {
         self.0.wrapping_add(off)
     }
 }

@@ -159,28 +159,7 @@ impl Mlp {
         let loss_value = match loss {
             Loss::CrossEntropy => {
                 let y: Vec<u32> = batch.y.to_vec1()?;
-                let mut total = 0f64;
-                let inv_n = scale / n as f32;
-                for ((row, drow), &t) in out
-                    .chunks_exact(dout)
-                    .zip(dz.chunks_exact_mut(dout))
-                    .zip(&y)
-                {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (d, &v) in drow.iter_mut().zip(row) {
-                        *d = (v - max).exp();
-                        sum += *d;
-                    }
-                    let lse = max + sum.ln();
-                    total += (lse - row[t as usize]) as f64;
-                    let inv = 1.0 / sum;
-                    for d in drow.iter_mut() {
-                        *d *= inv * inv_n;
-                    }
-                    drow[t as usize] -= inv_n;
-                }
-                total / n as f64
+                super::cross_entropy_grad(&out, &y, dout, scale, &mut dz)?
             }
             Loss::Mse => {
                 let y = batch.y.flatten_all()?.to_vec1::<f32>()?;

@@ -61,6 +61,48 @@ impl Loss {
     }
 }
 
+/// Softmax cross-entropy of `logits` (rows of `classes` values) against `labels`: returns the
+/// mean loss and writes `scale ×` its gradient into `grad` (the native training steps' loss).
+/// A label outside the classes is an error.
+pub(crate) fn cross_entropy_grad(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    scale: f32,
+    grad: &mut [f32],
+) -> candle_core::Result<f64> {
+    let n = labels.len();
+    if logits.len() != n * classes || grad.len() != logits.len() {
+        candle_core::bail!("cross-entropy: {n} labels for {} logits", logits.len());
+    }
+    let mut total = 0f64;
+    let inv_n = scale / n as f32;
+    for ((row, drow), &t) in logits
+        .chunks_exact(classes)
+        .zip(grad.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let t = t as usize;
+        if t >= classes {
+            candle_core::bail!("cross-entropy: label {t} is not below the {classes} classes");
+        }
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for (d, &v) in drow.iter_mut().zip(row) {
+            *d = (v - max).exp();
+            sum += *d;
+        }
+        let lse = max + sum.ln();
+        total += (lse - row[t]) as f64;
+        let inv = 1.0 / sum;
+        for d in drow.iter_mut() {
+            *d *= inv * inv_n;
+        }
+        drow[t] -= inv_n;
+    }
+    Ok(total / n.max(1) as f64)
+}
+
 /// Per-call context of a forward pass: train or eval mode, and the seeded dropout stream.
 #[derive(Debug, Clone)]
 pub struct ModelCtx {

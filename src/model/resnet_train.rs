@@ -283,29 +283,7 @@ impl ResNet {
             candle_core::bail!("resnet: {} labels for {n} images", y.len());
         }
         let mut dl = vec![0f32; n * ncls];
-        let mut total = 0f64;
-        let inv_n = scale / n as f32;
-        for ((row, drow), &t) in logits
-            .chunks_exact(ncls)
-            .zip(dl.chunks_exact_mut(ncls))
-            .zip(&y)
-        {
-            let t = t as usize;
-            if t >= ncls {
-                candle_core::bail!("resnet: label {t} is not below num_classes = {ncls}");
-            }
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (d, &v) in drow.iter_mut().zip(row) {
-                *d = (v - max).exp();
-                sum += *d;
-            }
-            total += (max + sum.ln() - row[t]) as f64;
-            let inv = 1.0 / sum;
-            drow.iter_mut().for_each(|d| *d *= inv * inv_n);
-            drow[t] -= inv_n;
-        }
-        let loss = total / n as f64;
+        let loss = super::cross_entropy_grad(&logits, &y, ncls, scale, &mut dl)?;
 
         // Backward: the head.
         {
