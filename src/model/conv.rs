@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv_direct::{self, DirectGeom, Epilogue, PackedWeight};
-use super::kernels::gemm_tiled;
+use super::conv_direct::{self, Epilogue, PackedWeight};
 use super::kernels::op_f32;
+use super::kernels::{add_into, gemm_tiled};
 
 /// Stride, zero padding, dilation and groups of a convolution (the same along both axes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,23 +55,23 @@ impl ConvSpec {
 
 /// The shapes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
-    s: ConvSpec,
+pub(crate) struct Geom {
+    pub(crate) n: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c: usize,
+    pub(crate) cout: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
+    pub(crate) s: ConvSpec,
     /// Always order im2col columns `(ki, kj, channel)` (int8 inference packs its weights so).
-    force_inner: bool,
+    pub(crate) force_inner: bool,
 }
 
 impl Geom {
-    fn new(x: &[usize], wt: &[usize], s: ConvSpec) -> candle_core::Result<Self> {
+    pub(crate) fn new(x: &[usize], wt: &[usize], s: ConvSpec) -> candle_core::Result<Self> {
         let (&[n, h, w, c], &[cout, cin_g, kh, kw]) = (x, wt) else {
             candle_core::bail!("conv2d: expected x [n, h, w, c] and weight [out, in/groups, kh, kw], got {x:?} and {wt:?}")
         };
@@ -100,7 +100,7 @@ impl Geom {
             force_inner: false,
         })
     }
-    fn groups(&self) -> usize {
+    pub(crate) fn groups(&self) -> usize {
         self.s.groups.max(1)
     }
     fn cin_g(&self) -> usize {
@@ -137,21 +137,9 @@ impl Geom {
         let i = (o * self.s.stride + k * self.s.dilation) as isize - self.s.padding as isize;
         (i >= 0 && (i as usize) < len).then_some(i as usize)
     }
-    /// The same convolution for the direct kernel, if it takes it.
-    fn direct(&self) -> Option<DirectGeom> {
-        let d = DirectGeom {
-            n: self.n,
-            h: self.h,
-            w: self.w,
-            c: self.c,
-            cout: self.cout,
-            kh: self.kh,
-            kw: self.kw,
-            ho: self.ho,
-            wo: self.wo,
-            spec: self.s,
-        };
-        d.supported().then_some(d)
+    /// Whether the direct kernel takes this convolution.
+    fn direct(&self) -> bool {
+        conv_direct::supported(self)
     }
 }
 
@@ -365,11 +353,8 @@ fn conv2d_forward_keep(
 ) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
     let g = Geom::new(xs, ws, s)?;
     // The direct kernel needs no im2col matrix; the weight gradient then builds its own.
-    if let Some((d, pw)) = g
-        .direct()
-        .zip(PackedWeight::new(w, [g.cout, g.c, g.kh, g.kw]))
-    {
-        let out = conv_direct::forward(x, &pw, &d, &Epilogue::NONE);
+    if let Some(pw) = PackedWeight::new(w, [g.cout, g.c, g.kh, g.kw]).filter(|_| g.direct()) {
+        let out = conv_direct::forward(x, &pw, &g, &Epilogue::NONE);
         return Ok((out, [g.n, g.ho, g.wo, g.cout]));
     }
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
@@ -493,9 +478,11 @@ fn input_grad_direct(dy: &[f32], w: &[f32], g: &Geom) -> Option<Vec<f32>> {
         },
         force_inner: false,
     };
-    let d = t.direct()?;
+    if !t.direct() {
+        return None;
+    }
     let pw = PackedWeight::for_input_grad(w, [g.cout, g.c, g.kh, g.kw])?;
-    Some(conv_direct::forward(dy, &pw, &d, &Epilogue::NONE))
+    Some(conv_direct::forward(dy, &pw, &t, &Epilogue::NONE))
 }
 
 /// Gradient of the weight: `x` NHWC and `dy` NHWC → `[out, in/groups, kh, kw]`.
@@ -526,10 +513,7 @@ pub fn conv2d_backward_weight_add(
         candle_core::bail!("conv2d: {} gradient values for a weight {ws:?}", out.len());
     }
     if g.channel_inner() || g.pointwise() {
-        let dw = conv2d_backward_weight(x, xs, dy, ws, s)?;
-        out.par_chunks_mut(1 << 15)
-            .zip(dw.par_chunks(1 << 15))
-            .for_each(|(o, d)| o.iter_mut().zip(d).for_each(|(o, &d)| *o += d));
+        add_into(out, &conv2d_backward_weight(x, xs, dy, ws, s)?);
         return Ok(());
     }
     with_cols(p * k, |col| {
@@ -723,7 +707,7 @@ impl CustomOp2 for Conv2dAffine {
             );
         }
         let shape = [g.n, g.ho, g.wo, c];
-        if let Some(d) = g.direct() {
+        if g.direct() {
             let dims = [g.cout, g.c, g.kh, g.kw];
             let own;
             let pw = match self.packed.as_deref().filter(|p| p.dims == dims) {
@@ -739,7 +723,7 @@ impl CustomOp2 for Conv2dAffine {
                     shift: Some(&self.shift),
                     relu: self.relu,
                 };
-                let out = conv_direct::forward(x, pw, &d, &epi);
+                let out = conv_direct::forward(x, pw, &g, &epi);
                 return Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())));
             }
         }

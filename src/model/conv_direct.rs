@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::ConvSpec;
+use super::conv::Geom;
 use super::kernels::DstPtr;
 
 /// Output pixels per micro-kernel call.
@@ -39,27 +39,10 @@ pub fn available() -> bool {
     }
 }
 
-/// Shapes of one direct convolution (NHWC input, PyTorch-layout weight).
-#[derive(Debug, Clone, Copy)]
-pub struct DirectGeom {
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub ho: usize,
-    pub wo: usize,
-    pub spec: ConvSpec,
-}
-
-impl DirectGeom {
-    /// Whether the kernel takes this convolution: ungrouped, output channels a multiple of
-    /// [`NR`], on a CPU that has AVX-512.
-    pub fn supported(&self) -> bool {
-        available() && self.spec.groups <= 1 && self.cout.is_multiple_of(NR) && self.c > 0
-    }
+/// Whether the kernel takes the convolution `g`: ungrouped, output channels a multiple of
+/// [`NR`], on a CPU that has AVX-512.
+pub(crate) fn supported(g: &Geom) -> bool {
+    available() && g.groups() == 1 && g.cout.is_multiple_of(NR) && g.c > 0
 }
 
 /// The per-channel map applied to the accumulators before they are stored.
@@ -180,8 +163,8 @@ fn scratch(n: usize) -> Vec<f32> {
 }
 
 /// The input with `padding` zeros around every image (borrowed when there is no padding).
-fn pad_input<'a>(x: &'a [f32], g: &DirectGeom) -> std::borrow::Cow<'a, [f32]> {
-    let p = g.spec.padding;
+fn pad_input<'a>(x: &'a [f32], g: &Geom) -> std::borrow::Cow<'a, [f32]> {
+    let p = g.s.padding;
     if p == 0 {
         return std::borrow::Cow::Borrowed(x);
     }
@@ -199,16 +182,16 @@ fn pad_input<'a>(x: &'a [f32], g: &DirectGeom) -> std::borrow::Cow<'a, [f32]> {
 
 /// Forward convolution of NHWC `x` (`[n, h, w, c]`) with the packed weight `w` (made from a
 /// `[out, in, kh, kw]` weight), the epilogue applied: NHWC `[n, ho, wo, out]`. The caller
-/// checks [`DirectGeom::supported`].
-pub fn forward(x: &[f32], w: &PackedWeight, g: &DirectGeom, epi: &Epilogue) -> Vec<f32> {
-    assert!(g.supported(), "conv_direct: unsupported convolution {g:?}");
+/// checks [`supported`].
+pub(crate) fn forward(x: &[f32], w: &PackedWeight, g: &Geom, epi: &Epilogue) -> Vec<f32> {
+    assert!(supported(g), "conv_direct: unsupported convolution {g:?}");
     assert_eq!(x.len(), g.n * g.h * g.w * g.c, "conv_direct: input size");
     assert_eq!(
         w.dims,
         [g.cout, g.c, g.kh, g.kw],
         "conv_direct: weight shape"
     );
-    let s = g.spec;
+    let s = g.s;
     let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
     let xp = pad_input(x, g);
     let packed = &w.data[..];
@@ -243,7 +226,7 @@ pub fn forward(x: &[f32], w: &PackedWeight, g: &DirectGeom, epi: &Epilogue) -> V
         let j0 = jp * NR;
         let scale = epi.scale.map(|v| &v[j0..j0 + NR]);
         let shift = epi.shift.map(|v| &v[j0..j0 + NR]);
-        // SAFETY: `supported()` checked AVX-512; every origin + tap + channel lies inside
+        // SAFETY: `supported` checked AVX-512; every origin + tap + channel lies inside
         // the padded input (the output size was derived from it), the panel holds K×NR
         // values, and this tile writes rows i0..i0+rows, columns j0..j0+NR, which no other
         // tile writes.
@@ -356,11 +339,12 @@ unsafe fn micro(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::conv::ConvSpec;
     use crate::rng::Rng;
 
     /// `y[n, oh, ow, o] = Σ x[n, ih, iw, c] · w[o, c, ki, kj]` in f64, NHWC.
-    fn naive(x: &[f32], w: &[f32], g: &DirectGeom) -> Vec<f64> {
-        let s = g.spec;
+    fn naive(x: &[f32], w: &[f32], g: &Geom) -> Vec<f64> {
+        let s = g.s;
         let mut y = vec![0f64; g.n * g.ho * g.wo * g.cout];
         for n in 0..g.n {
             for oh in 0..g.ho {
@@ -392,20 +376,9 @@ mod tests {
         y
     }
 
-    fn geom(n: usize, h: usize, c: usize, cout: usize, k: usize, spec: ConvSpec) -> DirectGeom {
-        let o = spec.out_size(h, k).unwrap();
-        DirectGeom {
-            n,
-            h,
-            w: h + 1,
-            c,
-            cout,
-            kh: k,
-            kw: k,
-            ho: o,
-            wo: spec.out_size(h + 1, k).unwrap(),
-            spec,
-        }
+    /// `n` images of `h × (h + 1)` pixels and `c` channels, `cout` outputs, a `k × k` kernel.
+    fn geom(n: usize, h: usize, c: usize, cout: usize, k: usize, spec: ConvSpec) -> Geom {
+        Geom::new(&[n, h, h + 1, c], &[cout, c, k, k], spec).unwrap()
     }
 
     fn spec(stride: usize, padding: usize, dilation: usize) -> ConvSpec {
@@ -503,16 +476,13 @@ mod tests {
                     }
                 }
             }
-            let t = DirectGeom {
-                h: g.ho,
-                w: g.wo,
-                c: cout,
-                cout: c,
-                ho: g.h,
-                wo: g.w,
-                spec: spec(1, dil * (k - 1) - pad, dil),
-                ..g
-            };
+            let t = Geom::new(
+                &[g.n, g.ho, g.wo, cout],
+                &[c, cout, k, k],
+                spec(1, dil * (k - 1) - pad, dil),
+            )
+            .unwrap();
+            assert_eq!((t.ho, t.wo), (g.h, g.w));
             let pw = PackedWeight::for_input_grad(&w, [cout, c, k, k]).unwrap();
             let dx = forward(&dy, &pw, &t, &Epilogue::NONE);
             for (i, (&a, &b)) in dx.iter().zip(&want).enumerate() {

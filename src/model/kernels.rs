@@ -85,6 +85,15 @@ pub fn update_in_place(t: &Tensor, f: impl FnMut(&mut [f32])) -> Result<()> {
         .map_err(Error::from)
 }
 
+/// `dst += src`, element-wise, in parallel chunks (gradients added into their buffers).
+pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "add_into: lengths differ");
+    dst.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
+}
+
 /// Work below this many multiply-adds runs on one thread: waking a second rayon worker costs
 /// tens of microseconds, more than splitting a smaller product saves (measured on the digits MLP,
 /// whose largest product is 64×256×256 = 4M).

@@ -16,7 +16,7 @@ use super::Model;
 
 use super::batchnorm::{train_backward, train_forward, Saved};
 use super::conv::{conv2d_backward_input, conv2d_backward_weight_add, conv2d_forward};
-use super::kernels::{gemm, with_f32};
+use super::kernels::{add_into, gemm, with_f32};
 use super::pool::{max_pool_backward, max_pool_forward, PoolSpec};
 use super::resnet::{ConvBn, Freeze, ResNet, STEM};
 use super::{Grads, Loss, ModelCtx};
@@ -79,10 +79,7 @@ fn add_grad(grads: &mut Grads, name: &str, g: &[f32]) -> candle_core::Result<()>
             buf.len()
         );
     }
-    use rayon::prelude::*;
-    buf.par_chunks_mut(1 << 15)
-        .zip(g.par_chunks(1 << 15))
-        .for_each(|(b, g)| b.iter_mut().zip(g).for_each(|(b, &v)| *b += v));
+    add_into(buf, g);
     Ok(())
 }
 
