@@ -501,21 +501,28 @@ mod avx2 {
                 }
             }
         };
-        // Two pairs of k per iteration: less loop overhead between the multiply-adds.
-        let mut t = 0;
-        while t + 1 < kp2 {
-            step(&mut c, t);
-            step(&mut c, t + 1);
-            t += 2;
-        }
-        if t < kp2 {
-            step(&mut c, t);
-        }
+        super::unrolled_by_two(kp2, |t| step(&mut c, t));
         for (dst, c) in acc.iter_mut().zip(&c) {
             for (v, cv) in c.iter().enumerate() {
                 _mm256_storeu_si256(dst.as_mut_ptr().add(8 * v) as *mut __m256i, *cv);
             }
         }
+    }
+}
+
+/// Calls `step(t)` for `t` in `0..n`, two per loop iteration: less loop overhead between the
+/// micro-kernels' multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn unrolled_by_two(n: usize, mut step: impl FnMut(usize)) {
+    let mut t = 0;
+    while t + 1 < n {
+        step(t);
+        step(t + 1);
+        t += 2;
+    }
+    if t < n {
+        step(t);
     }
 }
 
@@ -544,15 +551,7 @@ mod vnni {
                 c[r] = _mm512_dpwssd_epi32(c[r], av, bv);
             }
         };
-        let mut t = 0;
-        while t + 1 < kp2 {
-            step(&mut c, t);
-            step(&mut c, t + 1);
-            t += 2;
-        }
-        if t < kp2 {
-            step(&mut c, t);
-        }
+        super::unrolled_by_two(kp2, |t| step(&mut c, t));
         for (dst, c) in acc.iter_mut().zip(&c) {
             _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, *c);
         }
