@@ -110,11 +110,11 @@ impl Geom {
         self.cout / self.groups()
     }
     /// Columns of the im2col matrix of one group.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.cin_g() * self.kh * self.kw
     }
     /// Output pixels of the batch (rows of the im2col matrix).
-    fn p(&self) -> usize {
+    pub(crate) fn p(&self) -> usize {
         self.n * self.ho * self.wo
     }
     /// A 1×1, stride-1, unpadded, ungrouped convolution is a plain matrix product.
@@ -353,6 +353,10 @@ fn conv2d_forward_keep(
 ) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
     let g = Geom::new(xs, ws, s)?;
     // The direct kernel needs no im2col matrix; the weight gradient then builds its own.
+    if conv_direct::weight_rows_cheaper(&g) && w.len() == g.cout * g.k() {
+        let out = conv_direct::forward_by_weight_rows(x, w, &g);
+        return Ok((out, [g.n, g.ho, g.wo, g.cout]));
+    }
     if let Some(pw) = PackedWeight::new(w, [g.cout, g.c, g.kh, g.kw]).filter(|_| g.direct()) {
         let out = conv_direct::forward(x, &pw, &g, &Epilogue::NONE);
         return Ok((out, [g.n, g.ho, g.wo, g.cout]));
@@ -512,6 +516,10 @@ pub fn conv2d_backward_weight_add(
     if out.len() != g.cout * k {
         candle_core::bail!("conv2d: {} gradient values for a weight {ws:?}", out.len());
     }
+    if conv_direct::weight_grad_supported(&g) {
+        conv_direct::backward_weight_add(x, &g, dy, out);
+        return Ok(());
+    }
     if g.channel_inner() || g.pointwise() {
         add_into(out, &conv2d_backward_weight(x, xs, dy, ws, s)?);
         return Ok(());
@@ -548,6 +556,11 @@ fn conv2d_backward_weight_cols(
 ) -> candle_core::Result<Vec<f32>> {
     let g = Geom::new(xs, ws, s)?;
     let (p, k, cog) = (g.p(), g.k(), g.cout_g());
+    if conv_direct::weight_grad_supported(&g) {
+        let mut dw = vec![0f32; g.cout * k];
+        conv_direct::backward_weight_add(x, &g, dy, &mut dw);
+        return Ok(dw);
+    }
     let mut dwr = scratch(g.cout * k);
     if let Some(col) = cols.filter(|c| c.len() == p * k && g.groups() == 1) {
         gemm_tiled(g.cout, k, p, &mut dwr, k, false, dy, 1, g.cout, col, k, 1);

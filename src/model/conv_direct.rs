@@ -255,6 +255,251 @@ pub(crate) fn forward(x: &[f32], w: &PackedWeight, g: &Geom, epi: &Epilogue) -> 
     out
 }
 
+/// Whether [`forward_by_weight_rows`] is the cheaper way to run the convolution `g` with a
+/// weight that has to be packed for this call: fewer output pixels than output channels, so
+/// packing the input (`p × k` values) costs less than packing the weight (`cout × k`).
+pub(crate) fn weight_rows_cheaper(g: &Geom) -> bool {
+    supported(g) && g.p().next_multiple_of(NR) < g.cout
+}
+
+/// Forward convolution of NHWC `x` with the PyTorch-layout weight `w` (`[out, in, kh, kw]`)
+/// with the roles of the operands swapped: the micro-kernel broadcasts weight values, read
+/// straight from the rows of `w`, and multiplies them by panels of [`NR`] output pixels packed
+/// from the input (`[k][NR]`, rows ordered `(channel, ki, kj)` as a weight row is). That is
+/// the cheap way for layers with few output pixels and many channels (ResNet's last stage at
+/// 64×64 inputs: 64 pixels, 512 channels), where [`forward`] would spend as long repacking
+/// the 9 MB weight as multiplying. The caller checks [`supported`].
+pub(crate) fn forward_by_weight_rows(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
+    assert!(supported(g), "conv_direct: unsupported convolution {g:?}");
+    assert_eq!(x.len(), g.n * g.h * g.w * g.c, "conv_direct: input size");
+    let k = g.k();
+    assert_eq!(w.len(), g.cout * k, "conv_direct: weight size");
+    let s = g.s;
+    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
+    let xp = pad_input(x, g);
+    let p = g.p();
+    let pp = p.next_multiple_of(NR);
+    let taps: Vec<usize> = (0..g.kh)
+        .flat_map(|ki| (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c))
+        .collect();
+    // Input panels `[pp / NR][k][NR]`; pixels past `p` are zeros.
+    let mut panels = scratch(pp * k);
+    panels
+        .par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(pb, panel)| {
+            // Window origins of the panel's pixels (a short last panel repeats its last
+            // pixel, then zeroes those columns).
+            let valid = NR.min(p - pb * NR);
+            let org: [usize; NR] = std::array::from_fn(|r| {
+                let i = pb * NR + r.min(valid - 1);
+                let (n, rem) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
+                let (oh, ow) = (rem / g.wo, rem % g.wo);
+                ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
+            });
+            let mut rows = panel.chunks_exact_mut(NR);
+            for c in 0..g.c {
+                for &off in &taps {
+                    let row = rows.next().expect("k rows of NR");
+                    for (d, &o) in row.iter_mut().zip(&org) {
+                        *d = xp[o + off + c];
+                    }
+                    row[valid..].fill(0.0);
+                }
+            }
+        });
+    // The transposed output `[cout][pp]`, then NHWC.
+    let mut out_t = scratch(g.cout * pp);
+    let dst = DstPtr(out_t.as_mut_ptr());
+    let row_blocks = g.cout.div_ceil(MR);
+    let (panels, taps0) = (&panels[..], [0usize]);
+    let tile = |t: usize| {
+        let (pb, jb) = (t / row_blocks, t % row_blocks);
+        let j0 = jb * MR;
+        let rows = MR.min(g.cout - j0);
+        let org: [usize; MR] = std::array::from_fn(|r| (j0 + r.min(rows - 1)) * k);
+        // SAFETY: `supported` checked AVX-512; each origin is a weight row of `k` values, the
+        // panel holds k×NR values, and this tile writes rows j0..j0+rows, columns
+        // pb·NR..pb·NR+NR of `out_t` (row stride pp), which no other tile writes.
+        unsafe {
+            micro(
+                w,
+                &org,
+                &taps0,
+                k,
+                &panels[pb * k * NR..][..k * NR],
+                dst.at(j0 * pp + pb * NR),
+                pp,
+                rows,
+                None,
+                None,
+                false,
+            )
+        }
+    };
+    let tiles = (pp / NR) * row_blocks;
+    if rayon::current_num_threads() > 1 && p * k * g.cout >= 1 << 20 {
+        (0..tiles).into_par_iter().for_each(tile);
+    } else {
+        (0..tiles).for_each(tile);
+    }
+    let mut out = scratch(p * g.cout);
+    for (i, row) in out.chunks_exact_mut(g.cout).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = out_t[j * pp + i];
+        }
+    }
+    out
+}
+
+/// Whether [`backward_weight_add`] takes the weight gradient of `g`: a network's first layer,
+/// with a handful of input channels (RGB or grayscale). There im2col copies 1–3 values per
+/// tap and the GEMM has a short inner dimension, so both run far below the FMA units' speed.
+pub(crate) fn weight_grad_supported(g: &Geom) -> bool {
+    supported(g) && g.c <= 4
+}
+
+/// Adds the weight gradient of the convolution `g` (`[out, in, kh, kw]`) to `out`, from its
+/// NHWC input `x` and output gradient `dy` (`[p, cout]`): for each block of [`MR`] weight
+/// columns `(channel, ki, kj)` and [`NR`] output channels, the micro-kernel sums
+/// `x[window(p) + column] · dy[p]` over every output pixel `p` in order, broadcasting the input
+/// values straight from the padded input. The caller checks [`weight_grad_supported`].
+pub(crate) fn backward_weight_add(x: &[f32], g: &Geom, dy: &[f32], out: &mut [f32]) {
+    assert!(supported(g), "conv_direct: unsupported convolution {g:?}");
+    assert_eq!(x.len(), g.n * g.h * g.w * g.c, "conv_direct: input size");
+    let (p, k) = (g.p(), g.k());
+    assert_eq!(dy.len(), p * g.cout, "conv_direct: output gradient size");
+    assert_eq!(out.len(), g.cout * k, "conv_direct: weight gradient size");
+    let s = g.s;
+    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
+    let xp = pad_input(x, g);
+    // Offset of weight column `(c, ki, kj)` from a window's origin.
+    let cols: Vec<usize> = (0..g.c)
+        .flat_map(|c| {
+            (0..g.kh).flat_map(move |ki| {
+                (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c + c)
+            })
+        })
+        .collect();
+    debug_assert_eq!(cols.len(), k);
+    let origin: Vec<usize> = (0..p)
+        .map(|i| {
+            let (n, r) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
+            let (oh, ow) = (r / g.wo, r % g.wo);
+            ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
+        })
+        .collect();
+    let col_blocks = k.div_ceil(MR);
+    let panels = g.cout / NR;
+    // Each tile's sums, `[MR][NR]` (weight column, output channel), tiles ordered (panel,
+    // column block), each panel padded to whole groups. A task takes a group of GROUP column
+    // blocks of one panel and walks the pixels in chunks of CHUNK, so that every block of the
+    // group reads a chunk of `dy` from cache.
+    const GROUP: usize = 16;
+    const CHUNK: usize = 512;
+    let groups = col_blocks.div_ceil(GROUP);
+    let blocks_per_panel = groups * GROUP;
+    let mut sums = vec![0f32; panels * blocks_per_panel * MR * NR];
+    let (xp, cols, origin) = (&xp[..], &cols[..], &origin[..]);
+    let task = |(t, group): (usize, &mut [f32])| {
+        let (jp, gi) = (t / groups, t % groups);
+        for p0 in (0..p).step_by(CHUNK) {
+            let p1 = (p0 + CHUNK).min(p);
+            for (bi, acc) in group.chunks_mut(MR * NR).enumerate() {
+                let c0 = (gi * GROUP + bi) * MR;
+                if c0 >= k {
+                    break;
+                }
+                let n = MR.min(k - c0);
+                let offs: [usize; MR] = std::array::from_fn(|i| cols[c0 + i.min(n - 1)]);
+                // SAFETY: `supported` checked AVX-512; every origin + column offset lies
+                // inside the padded input, `dy` holds `p` rows of `cout` values and
+                // `jp·NR + NR ≤ cout`, and `acc` is this tile's own MR×NR block.
+                unsafe {
+                    micro_weight_grad(
+                        xp,
+                        &origin[p0..p1],
+                        &offs,
+                        &dy[p0 * g.cout + jp * NR..],
+                        g.cout,
+                        acc,
+                    )
+                }
+            }
+        }
+    };
+    if rayon::current_num_threads() > 1 && p * k * g.cout >= 1 << 20 {
+        sums.par_chunks_mut(GROUP * MR * NR)
+            .enumerate()
+            .for_each(task);
+    } else {
+        sums.chunks_mut(GROUP * MR * NR).enumerate().for_each(task);
+    }
+    for (t, acc) in sums.chunks_exact(MR * NR).enumerate() {
+        let (jp, cb) = (t / blocks_per_panel, t % blocks_per_panel);
+        let c0 = cb * MR;
+        if c0 >= k {
+            continue;
+        }
+        for i in 0..MR.min(k - c0) {
+            for j in 0..NR {
+                out[(jp * NR + j) * k + c0 + i] += acc[i * NR + j];
+            }
+        }
+    }
+}
+
+/// `acc[i][j] += Σ_p xp[origin[p] + offs[i]] · dy[p·ld + j]` for `MR` weight columns × `NR`
+/// output channels, summed over the pixels in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_weight_grad(
+    xp: &[f32],
+    origin: &[usize],
+    offs: &[usize; MR],
+    dy: &[f32],
+    ld: usize,
+    acc_out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let sums = acc_out.as_mut_ptr();
+    let mut acc: [[__m512; 2]; MR] = std::array::from_fn(|i| {
+        [
+            _mm512_loadu_ps(sums.add(i * NR)),
+            _mm512_loadu_ps(sums.add(i * NR + 16)),
+        ]
+    });
+    let base = xp.as_ptr();
+    let mut d = dy.as_ptr();
+    for &o in origin {
+        let b0 = _mm512_loadu_ps(d);
+        let b1 = _mm512_loadu_ps(d.add(16));
+        d = d.add(ld);
+        let a = base.add(o);
+        for i in 0..MR {
+            let av = _mm512_set1_ps(*a.add(offs[i]));
+            acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(acc_out.as_mut_ptr().add(i * NR), a[0]);
+        _mm512_storeu_ps(acc_out.as_mut_ptr().add(i * NR + 16), a[1]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro_weight_grad(
+    _: &[f32],
+    _: &[usize],
+    _: &[usize; MR],
+    _: &[f32],
+    _: usize,
+    _: &mut [f32],
+) {
+    unreachable!("conv_direct: the kernel needs x86-64 with AVX-512")
+}
+
 /// One tile: `MR` pixels (window origins `org` in `xp`) × `NR` channels of the panel `b`
 /// (`[taps·c][NR]`), the epilogue applied, `rows` rows stored at `out` (row stride `ld`).
 #[cfg(target_arch = "x86_64")]
@@ -427,6 +672,99 @@ mod tests {
                 assert!((plain[i] as f64 - v).abs() < 1e-4, "{g:?} at {i}");
                 let f = (v * scale[o] as f64 + shift[o] as f64).max(0.0);
                 assert!((fused[i] as f64 - f).abs() < 1e-4, "{g:?} fused at {i}");
+            }
+        }
+    }
+
+    /// The operand-swapped forward pass (few pixels, many channels) equals the reference,
+    /// with pixel counts below, at and past a panel of NR, channel counts that are not
+    /// multiples of MR, strides, padding and dilation.
+    #[test]
+    fn forward_by_weight_rows_matches_a_scalar_reference() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+            return;
+        }
+        let mut r = Rng::new(12);
+        for g in [
+            geom(2, 2, 40, 64, 3, spec(1, 1, 1)),
+            geom(4, 4, 9, 96, 3, spec(2, 1, 1)),
+            geom(3, 5, 7, 128, 3, spec(1, 1, 1)),
+            geom(1, 7, 5, 96, 3, spec(1, 2, 2)),
+            geom(5, 3, 16, 160, 1, spec(1, 0, 1)),
+        ] {
+            assert!(weight_rows_cheaper(&g), "{g:?}");
+            let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let w: Vec<f32> = (0..g.cout * g.c * g.kh * g.kw)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let want = naive(&x, &w, &g);
+            let got = forward_by_weight_rows(&x, &w, &g);
+            assert_eq!(got.len(), want.len());
+            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                assert!((a as f64 - b).abs() < 1e-4, "{g:?} at {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The direct weight gradient equals `Σ x · dy` from a scalar reference, added to what
+    /// the buffer held: 1–4 input channels, strides, padding, dilation, pixel counts past a
+    /// chunk, weight columns not a multiple of MR.
+    #[test]
+    fn weight_grad_matches_a_scalar_reference() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+            return;
+        }
+        let mut r = Rng::new(13);
+        for g in [
+            geom(2, 20, 3, 64, 7, spec(2, 3, 1)),
+            geom(3, 17, 1, 32, 3, spec(1, 1, 1)),
+            geom(1, 9, 4, 96, 5, spec(1, 4, 2)),
+            geom(5, 6, 2, 32, 1, spec(1, 0, 1)),
+        ] {
+            assert!(weight_grad_supported(&g), "{g:?}");
+            let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
+                .map(|_| r.next_f32() - 0.5)
+                .collect();
+            let dy: Vec<f32> = (0..g.p() * g.cout).map(|_| r.next_f32() - 0.5).collect();
+            let s = g.s;
+            let mut want = vec![0.25f64; g.cout * g.k()];
+            for n in 0..g.n {
+                for oh in 0..g.ho {
+                    for ow in 0..g.wo {
+                        let pix = (n * g.ho + oh) * g.wo + ow;
+                        for ki in 0..g.kh {
+                            for kj in 0..g.kw {
+                                let ih =
+                                    (oh * s.stride + ki * s.dilation) as isize - s.padding as isize;
+                                let iw =
+                                    (ow * s.stride + kj * s.dilation) as isize - s.padding as isize;
+                                if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
+                                    continue;
+                                }
+                                for c in 0..g.c {
+                                    let xv =
+                                        x[((n * g.h + ih as usize) * g.w + iw as usize) * g.c + c];
+                                    for o in 0..g.cout {
+                                        want[((o * g.c + c) * g.kh + ki) * g.kw + kj] +=
+                                            xv as f64 * dy[pix * g.cout + o] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut got = vec![0.25f32; g.cout * g.k()];
+            backward_weight_add(&x, &g, &dy, &mut got);
+            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() < 1e-4 * b.abs().max(1.0),
+                    "{g:?} at {i}: {a} vs {b}"
+                );
             }
         }
     }
