@@ -8,18 +8,39 @@ use std::path::Path;
 
 use wick::train::{RunDir, Trainer};
 
-/// Trains `configs/mnist_transfer.toml` with `overrides`; returns the test accuracy, whether
-/// features were cached, and the epoch durations.
-fn transfer(run_dir: &Path, overrides: &[String]) -> (f64, bool, Vec<f64>) {
-    let cfg = wick::config::load(Path::new("configs/mnist_transfer.toml"), overrides).unwrap();
+/// What one arm of the comparison measured.
+struct Arm {
+    /// Test accuracy after the last epoch, and after each epoch.
+    last: f64,
+    each: Vec<f64>,
+    cached: bool,
+    /// Seconds per epoch.
+    epochs: Vec<f64>,
+}
+
+impl Arm {
+    /// Mean test accuracy of the last 10 epochs.
+    fn last10(&self) -> f64 {
+        assert_eq!(self.each.len(), 60, "one test accuracy per epoch");
+        self.each[self.each.len() - 10..].iter().sum::<f64>() / 10.0
+    }
+}
+
+/// Trains `config` with `overrides` in `run_dir`.
+fn transfer(config: &Path, run_dir: &Path, overrides: &[String]) -> Arm {
+    let cfg = wick::config::load(config, overrides).unwrap();
     let mut trainer = Trainer::from_config(&cfg).unwrap();
     let clock = std::rc::Rc::new(std::cell::RefCell::new(common::clock::Clock::default()));
     trainer.add_callback(common::clock::Recorder(clock.clone()));
     let run = RunDir::create(&cfg, &trainer.schema, Some(run_dir)).unwrap();
     let summary = trainer.fit(&run, false).unwrap();
     let c = clock.borrow();
-    let epochs = c.epochs();
-    (summary.final_metrics["eval_accuracy"], c.cached, epochs)
+    Arm {
+        last: summary.final_metrics["eval_accuracy"],
+        each: c.accuracy.clone(),
+        cached: c.cached,
+        epochs: c.epochs(),
+    }
 }
 
 #[test]
@@ -47,39 +68,49 @@ fn a_fashion_mnist_backbone_transfers_to_mnist_digits() {
     );
 
     let pretrained = format!("model.pretrained={:?}", backbone.display().to_string());
-    let (acc_pre, cached, epochs) =
-        transfer(&tmp.path().join("pre"), std::slice::from_ref(&pretrained));
+    let config = Path::new("configs/mnist_transfer.toml");
+    let pre = transfer(
+        config,
+        &tmp.path().join("pre"),
+        std::slice::from_ref(&pretrained),
+    );
     assert!(
-        cached,
+        pre.cached,
         "a frozen backbone without augmentation trains on cached features"
     );
 
     // The same head on the same (narrow) architecture, randomly initialised and frozen: the
     // config without `pretrained`.
-    let mut cfg =
-        wick::config::load(Path::new("configs/mnist_transfer.toml"), &[pretrained]).unwrap();
+    let mut cfg = wick::config::load(config, &[pretrained]).unwrap();
     cfg.model.pretrained = None;
     cfg.model.width = 16;
-    let dir = tmp.path().join("random.toml");
-    std::fs::write(&dir, cfg.to_toml()).unwrap();
-    let cfg2 = wick::config::load(&dir, &[]).unwrap();
-    let mut trainer = Trainer::from_config(&cfg2).unwrap();
-    let run = RunDir::create(&cfg2, &trainer.schema, Some(&tmp.path().join("random"))).unwrap();
-    let acc_random = trainer.fit(&run, false).unwrap().final_metrics["eval_accuracy"];
+    let random_config = tmp.path().join("random.toml");
+    std::fs::write(&random_config, cfg.to_toml()).unwrap();
+    let random = transfer(&random_config, &tmp.path().join("random"), &[]);
 
+    // The head's test accuracy swings from epoch to epoch on the random backbone (its
+    // features are unnormalised: raw pixels through BatchNorm layers that never saw data), so
+    // the comparison is on the mean of the last 10 epochs as well as the last.
+    let (acc_pre, acc_random) = (pre.last, random.last);
+    let (mean_pre, mean_random) = (pre.last10(), random.last10());
     eprintln!(
-        "fashion {fashion_acc:.4}; mnist head on pretrained backbone {acc_pre:.4}, on random backbone {acc_random:.4}; epoch times {:?}",
-        epochs
+        "fashion {fashion_acc:.4}; mnist head on pretrained backbone {acc_pre:.4} (last 10 epochs {mean_pre:.4}), on random backbone {acc_random:.4} ({mean_random:.4}); epoch 1 {:.4} s, epoch 2 {:.4} s",
+        pre.epochs[0],
+        pre.epochs.get(1).copied().unwrap_or(f64::NAN)
     );
-    // Measured: 0.800 against 0.717 (docs/RESULTS.md). The goal is 10 points; this
-    // asserts the margin that the CI-sized pretraining reliably gives.
+    // The goal: 10 points. Measured 0.802 against 0.673 (+12.9) with this seed, and
+    // +16 to +20 with seeds 1-4 (docs/RESULTS.md).
+    assert!(
+        mean_pre >= mean_random + 0.10,
+        "pretrained {mean_pre:.4} should beat random {mean_random:.4} by 10 points (mean of the last 10 epochs)"
+    );
     assert!(
         acc_pre >= acc_random + 0.05,
-        "pretrained {acc_pre:.4} should beat random {acc_random:.4} by 5 points"
+        "pretrained {acc_pre:.4} against random {acc_random:.4} at the last epoch"
     );
-    assert!(acc_pre >= 0.75, "pretrained head reached {acc_pre:.4}");
+    assert!(acc_pre >= 0.78, "pretrained head reached {acc_pre:.4}");
     // Epoch 1 computed the backbone features of every sample; later epochs only train the head.
-    assert!(epochs.len() >= 2);
+    assert!(pre.epochs.len() >= 2);
 
     // int8 (convolutions through im2col + the int8 GEMM, and the head): within 1 point.
     let o = common::wick()

@@ -100,6 +100,8 @@ pub mod clock {
         pub cached: bool,
         start: Option<Instant>,
         ends: Vec<f64>,
+        /// `eval_accuracy` after each epoch that was evaluated.
+        pub accuracy: Vec<f64>,
     }
 
     impl Clock {
@@ -128,10 +130,13 @@ pub mod clock {
             Ok(())
         }
 
-        fn on_epoch_end(&mut self, _e: &EpochEnd) -> wick::Result<Control> {
+        fn on_epoch_end(&mut self, e: &EpochEnd) -> wick::Result<Control> {
             let mut c = self.0.borrow_mut();
             let t = c.start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
             c.ends.push(t);
+            if let Some(&a) = e.metrics.get("eval_accuracy") {
+                c.accuracy.push(a);
+            }
             Ok(Control::Continue)
         }
     }
