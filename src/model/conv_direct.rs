@@ -587,38 +587,68 @@ mod tests {
     use crate::model::conv::ConvSpec;
     use crate::rng::Rng;
 
-    /// `y[n, oh, ow, o] = Σ x[n, ih, iw, c] · w[o, c, ki, kj]` in f64, NHWC.
-    fn naive(x: &[f32], w: &[f32], g: &Geom) -> Vec<f64> {
+    /// Calls `f(output pixel, input pixel, ki, kj)` for every output pixel and every tap whose
+    /// input lies inside the image (pixel indices count NHWC pixels, without channels).
+    fn visit_taps(g: &Geom, mut f: impl FnMut(usize, usize, usize, usize)) {
         let s = g.s;
-        let mut y = vec![0f64; g.n * g.ho * g.wo * g.cout];
         for n in 0..g.n {
             for oh in 0..g.ho {
                 for ow in 0..g.wo {
-                    for o in 0..g.cout {
-                        let mut acc = 0f64;
-                        for ki in 0..g.kh {
-                            for kj in 0..g.kw {
-                                let ih =
-                                    (oh * s.stride + ki * s.dilation) as isize - s.padding as isize;
-                                let iw =
-                                    (ow * s.stride + kj * s.dilation) as isize - s.padding as isize;
-                                if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
-                                    continue;
-                                }
-                                for c in 0..g.c {
-                                    let xv =
-                                        x[((n * g.h + ih as usize) * g.w + iw as usize) * g.c + c];
-                                    let wv = w[((o * g.c + c) * g.kh + ki) * g.kw + kj];
-                                    acc += xv as f64 * wv as f64;
-                                }
+                    let pix = (n * g.ho + oh) * g.wo + ow;
+                    for ki in 0..g.kh {
+                        for kj in 0..g.kw {
+                            let ih =
+                                (oh * s.stride + ki * s.dilation) as isize - s.padding as isize;
+                            let iw =
+                                (ow * s.stride + kj * s.dilation) as isize - s.padding as isize;
+                            if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
+                                continue;
                             }
+                            f(pix, (n * g.h + ih as usize) * g.w + iw as usize, ki, kj);
                         }
-                        y[((n * g.ho + oh) * g.wo + ow) * g.cout + o] = acc;
                     }
                 }
             }
         }
+    }
+
+    /// `y[n, oh, ow, o] = Σ x[n, ih, iw, c] · w[o, c, ki, kj]` in f64, NHWC.
+    fn naive(x: &[f32], w: &[f32], g: &Geom) -> Vec<f64> {
+        let mut y = vec![0f64; g.p() * g.cout];
+        visit_taps(g, |pix, src, ki, kj| {
+            for o in 0..g.cout {
+                for c in 0..g.c {
+                    let wv = w[((o * g.c + c) * g.kh + ki) * g.kw + kj];
+                    y[pix * g.cout + o] += x[src * g.c + c] as f64 * wv as f64;
+                }
+            }
+        });
         y
+    }
+
+    /// Whether this CPU runs the kernels (elsewhere they are never used, and there is nothing
+    /// to check).
+    fn kernel_here() -> bool {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+        }
+        available()
+    }
+
+    /// Asserts `got` matches `want` within 1e-4, relative to values above 1.
+    fn assert_close(got: &[f32], want: &[f64], g: &Geom) {
+        assert_eq!(got.len(), want.len(), "{g:?}");
+        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a as f64 - b).abs() < 1e-4 * b.abs().max(1.0),
+                "{g:?} at {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    /// `n` values uniform in [−0.5, 0.5).
+    fn uniform(r: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| r.next_f32() - 0.5).collect()
     }
 
     /// `n` images of `h × (h + 1)` pixels and `c` channels, `cout` outputs, a `k × k` kernel.
@@ -637,8 +667,7 @@ mod tests {
 
     #[test]
     fn forward_matches_a_scalar_reference_with_the_epilogue() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+        if !kernel_here() {
             return;
         }
         let mut r = Rng::new(11);
@@ -650,14 +679,10 @@ mod tests {
             geom(1, 11, 8, 96, 3, spec(1, 2, 2)),
             geom(2, 4, 33, 32, 3, spec(3, 1, 1)),
         ] {
-            let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
-            let w: Vec<f32> = (0..g.cout * g.c * g.kh * g.kw)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
+            let x = uniform(&mut r, g.n * g.h * g.w * g.c);
+            let w = uniform(&mut r, g.cout * g.c * g.kh * g.kw);
             let scale: Vec<f32> = (0..g.cout).map(|_| r.next_f32() + 0.5).collect();
-            let shift: Vec<f32> = (0..g.cout).map(|_| r.next_f32() - 0.5).collect();
+            let shift = uniform(&mut r, g.cout);
             let want = naive(&x, &w, &g);
             let pw = PackedWeight::new(&w, [g.cout, g.c, g.kh, g.kw]).unwrap();
             let plain = forward(&x, &pw, &g, &Epilogue::NONE);
@@ -681,8 +706,7 @@ mod tests {
     /// multiples of MR, strides, padding and dilation.
     #[test]
     fn forward_by_weight_rows_matches_a_scalar_reference() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+        if !kernel_here() {
             return;
         }
         let mut r = Rng::new(12);
@@ -694,18 +718,10 @@ mod tests {
             geom(5, 3, 16, 160, 1, spec(1, 0, 1)),
         ] {
             assert!(weight_rows_cheaper(&g), "{g:?}");
-            let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
-            let w: Vec<f32> = (0..g.cout * g.c * g.kh * g.kw)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
+            let x = uniform(&mut r, g.n * g.h * g.w * g.c);
+            let w = uniform(&mut r, g.cout * g.c * g.kh * g.kw);
             let want = naive(&x, &w, &g);
-            let got = forward_by_weight_rows(&x, &w, &g);
-            assert_eq!(got.len(), want.len());
-            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
-                assert!((a as f64 - b).abs() < 1e-4, "{g:?} at {i}: {a} vs {b}");
-            }
+            assert_close(&forward_by_weight_rows(&x, &w, &g), &want, &g);
         }
     }
 
@@ -714,8 +730,7 @@ mod tests {
     /// chunk, weight columns not a multiple of MR.
     #[test]
     fn weight_grad_matches_a_scalar_reference() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+        if !kernel_here() {
             return;
         }
         let mut r = Rng::new(13);
@@ -726,46 +741,21 @@ mod tests {
             geom(5, 6, 2, 32, 1, spec(1, 0, 1)),
         ] {
             assert!(weight_grad_supported(&g), "{g:?}");
-            let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
-            let dy: Vec<f32> = (0..g.p() * g.cout).map(|_| r.next_f32() - 0.5).collect();
-            let s = g.s;
+            let x = uniform(&mut r, g.n * g.h * g.w * g.c);
+            let dy = uniform(&mut r, g.p() * g.cout);
             let mut want = vec![0.25f64; g.cout * g.k()];
-            for n in 0..g.n {
-                for oh in 0..g.ho {
-                    for ow in 0..g.wo {
-                        let pix = (n * g.ho + oh) * g.wo + ow;
-                        for ki in 0..g.kh {
-                            for kj in 0..g.kw {
-                                let ih =
-                                    (oh * s.stride + ki * s.dilation) as isize - s.padding as isize;
-                                let iw =
-                                    (ow * s.stride + kj * s.dilation) as isize - s.padding as isize;
-                                if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
-                                    continue;
-                                }
-                                for c in 0..g.c {
-                                    let xv =
-                                        x[((n * g.h + ih as usize) * g.w + iw as usize) * g.c + c];
-                                    for o in 0..g.cout {
-                                        want[((o * g.c + c) * g.kh + ki) * g.kw + kj] +=
-                                            xv as f64 * dy[pix * g.cout + o] as f64;
-                                    }
-                                }
-                            }
-                        }
+            visit_taps(&g, |pix, src, ki, kj| {
+                for c in 0..g.c {
+                    let xv = x[src * g.c + c] as f64;
+                    for o in 0..g.cout {
+                        want[((o * g.c + c) * g.kh + ki) * g.kw + kj] +=
+                            xv * dy[pix * g.cout + o] as f64;
                     }
                 }
-            }
+            });
             let mut got = vec![0.25f32; g.cout * g.k()];
             backward_weight_add(&x, &g, &dy, &mut got);
-            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a as f64 - b).abs() < 1e-4 * b.abs().max(1.0),
-                    "{g:?} at {i}: {a} vs {b}"
-                );
-            }
+            assert_close(&got, &want, &g);
         }
     }
 
@@ -773,8 +763,7 @@ mod tests {
     /// forward convolution, scattered back by a scalar reference.
     #[test]
     fn input_grad_matches_a_scalar_reference() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+        if !kernel_here() {
             return;
         }
         let mut r = Rng::new(12);
@@ -784,12 +773,8 @@ mod tests {
             (5, 64, 32, 5, 1, 1),
         ] {
             let g = geom(2, h, c, cout, k, spec(1, pad, dil));
-            let w: Vec<f32> = (0..g.cout * c * k * k)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
-            let dy: Vec<f32> = (0..g.n * g.ho * g.wo * cout)
-                .map(|_| r.next_f32() - 0.5)
-                .collect();
+            let w = uniform(&mut r, g.cout * c * k * k);
+            let dy = uniform(&mut r, g.n * g.ho * g.wo * cout);
             let mut want = vec![0f64; g.n * g.h * g.w * c];
             for n in 0..g.n {
                 for oh in 0..g.ho {
