@@ -180,6 +180,23 @@ fn pad_input<'a>(x: &'a [f32], g: &Geom) -> std::borrow::Cow<'a, [f32]> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Offset of each tap `(ki, kj)`, in order, from a window's origin in the padded input.
+fn tap_offsets(g: &Geom) -> Vec<usize> {
+    let (s, wp) = (g.s, g.w + 2 * g.s.padding);
+    (0..g.kh)
+        .flat_map(|ki| (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c))
+        .collect()
+}
+
+/// Where output pixel `i`'s window starts in the padded input.
+fn window_origin(g: &Geom, i: usize) -> usize {
+    let s = g.s;
+    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
+    let (n, r) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
+    let (oh, ow) = (r / g.wo, r % g.wo);
+    ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
+}
+
 /// Forward convolution of NHWC `x` (`[n, h, w, c]`) with the packed weight `w` (made from a
 /// `[out, in, kh, kw]` weight), the epilogue applied: NHWC `[n, ho, wo, out]`. The caller
 /// checks [`supported`].
@@ -191,23 +208,12 @@ pub(crate) fn forward(x: &[f32], w: &PackedWeight, g: &Geom, epi: &Epilogue) -> 
         [g.cout, g.c, g.kh, g.kw],
         "conv_direct: weight shape"
     );
-    let s = g.s;
-    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
     let xp = pad_input(x, g);
     let packed = &w.data[..];
-    let taps: Vec<usize> = (0..g.kh)
-        .flat_map(|ki| (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c))
-        .collect();
-    let p = g.n * g.ho * g.wo;
-    // Where each output pixel's window starts in the padded input.
-    let origin: Vec<usize> = (0..p)
-        .map(|i| {
-            let (n, r) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
-            let (oh, ow) = (r / g.wo, r % g.wo);
-            ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
-        })
-        .collect();
-    let k = g.c * g.kh * g.kw;
+    let taps = tap_offsets(g);
+    let p = g.p();
+    let origin: Vec<usize> = (0..p).map(|i| window_origin(g, i)).collect();
+    let k = g.k();
     let panels = g.cout / NR;
     let blocks = p.div_ceil(MR);
     // Every tile stores all of its rows and columns.
@@ -274,14 +280,10 @@ pub(crate) fn forward_by_weight_rows(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32>
     assert_eq!(x.len(), g.n * g.h * g.w * g.c, "conv_direct: input size");
     let k = g.k();
     assert_eq!(w.len(), g.cout * k, "conv_direct: weight size");
-    let s = g.s;
-    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
     let xp = pad_input(x, g);
     let p = g.p();
     let pp = p.next_multiple_of(NR);
-    let taps: Vec<usize> = (0..g.kh)
-        .flat_map(|ki| (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c))
-        .collect();
+    let taps = tap_offsets(g);
     // Input panels `[pp / NR][k][NR]`; pixels past `p` are zeros.
     let mut panels = scratch(pp * k);
     panels
@@ -291,12 +293,8 @@ pub(crate) fn forward_by_weight_rows(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32>
             // Window origins of the panel's pixels (a short last panel repeats its last
             // pixel, then zeroes those columns).
             let valid = NR.min(p - pb * NR);
-            let org: [usize; NR] = std::array::from_fn(|r| {
-                let i = pb * NR + r.min(valid - 1);
-                let (n, rem) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
-                let (oh, ow) = (rem / g.wo, rem % g.wo);
-                ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
-            });
+            let org: [usize; NR] =
+                std::array::from_fn(|r| window_origin(g, pb * NR + r.min(valid - 1)));
             let mut rows = panel.chunks_exact_mut(NR);
             for c in 0..g.c {
                 for &off in &taps {
@@ -370,25 +368,13 @@ pub(crate) fn backward_weight_add(x: &[f32], g: &Geom, dy: &[f32], out: &mut [f3
     let (p, k) = (g.p(), g.k());
     assert_eq!(dy.len(), p * g.cout, "conv_direct: output gradient size");
     assert_eq!(out.len(), g.cout * k, "conv_direct: weight gradient size");
-    let s = g.s;
-    let (hp, wp) = (g.h + 2 * s.padding, g.w + 2 * s.padding);
     let xp = pad_input(x, g);
     // Offset of weight column `(c, ki, kj)` from a window's origin.
+    let taps = tap_offsets(g);
     let cols: Vec<usize> = (0..g.c)
-        .flat_map(|c| {
-            (0..g.kh).flat_map(move |ki| {
-                (0..g.kw).map(move |kj| (ki * s.dilation * wp + kj * s.dilation) * g.c + c)
-            })
-        })
+        .flat_map(|c| taps.iter().map(move |&t| t + c))
         .collect();
-    debug_assert_eq!(cols.len(), k);
-    let origin: Vec<usize> = (0..p)
-        .map(|i| {
-            let (n, r) = (i / (g.ho * g.wo), i % (g.ho * g.wo));
-            let (oh, ow) = (r / g.wo, r % g.wo);
-            ((n * hp + oh * s.stride) * wp + ow * s.stride) * g.c
-        })
-        .collect();
+    let origin: Vec<usize> = (0..p).map(|i| window_origin(g, i)).collect();
     let col_blocks = k.div_ceil(MR);
     let panels = g.cout / NR;
     // Each tile's sums, `[MR][NR]` (weight column, output channel), tiles ordered (panel,
@@ -483,8 +469,8 @@ unsafe fn micro_weight_grad(
         }
     }
     for (i, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(acc_out.as_mut_ptr().add(i * NR), a[0]);
-        _mm512_storeu_ps(acc_out.as_mut_ptr().add(i * NR + 16), a[1]);
+        _mm512_storeu_ps(sums.add(i * NR), a[0]);
+        _mm512_storeu_ps(sums.add(i * NR + 16), a[1]);
     }
 }
 
