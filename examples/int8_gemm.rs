@@ -35,9 +35,10 @@ fn main() {
             .into_iter()
             .filter(|&isa| isa != gemm::Isa::Portable)
             .map(|isa| {
+                let p = gemm::pack_for(&q.q, n, k, isa);
                 let t = Instant::now();
                 for _ in 0..reps {
-                    std::hint::black_box(gemm::gemm_i32_with(&ai8, m, p, isa));
+                    std::hint::black_box(gemm::gemm_i32_with(&ai8, m, &p, isa));
                 }
                 let s = t.elapsed().as_secs_f64() / reps as f64;
                 let g = 2.0 * (m * n * k) as f64 / 1e9;

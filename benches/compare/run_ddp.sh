@@ -6,15 +6,22 @@
 # samples counted), and the share of rank 0's step time spent communicating (gradient
 # all-reduce and the per-step stop vote, waiting for the other rank included), a figure the
 # machine's drifting speed does not skew. Needs OpenMPI (scripts/fetch-mpi.sh). EPOCHS_MLP / EPOCHS_RESNET shorten it.
+# WICK_PREBUILT=DIR takes wick, synthetic_data and allreduce_bw from DIR instead of building
+# them (for a machine without Rust).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --features mpi --quiet --bin wick --example synthetic_data --example allreduce_bw
-W=target/release/wick
+if [ -n "${WICK_PREBUILT:-}" ]; then
+    W=$WICK_PREBUILT/wick EX=$WICK_PREBUILT
+else
+    cargo build --release --features mpi --quiet --bin wick --example synthetic_data --example allreduce_bw
+    W=target/release/wick EX=target/release/examples
+fi
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'); runs in $OUT"
 
 IMG=.cache/ddp-bench/images64
-target/release/examples/synthetic_data "$IMG" 640 12288 10
+"$EX/synthetic_data" "$IMG" 640 12288 10
 cat > "$OUT/resnet.toml" <<TOML
 [run]
 name = "ddp_resnet18"
@@ -61,4 +68,4 @@ compare "digits MLP, batch 32/rank" configs/digits_mlp.toml --set train.batch_si
 compare "digits MLP, batch 128/rank" configs/digits_mlp.toml --set train.batch_size=128 --set "train.epochs=${EPOCHS_MLP:-60}"
 compare "ResNet-18 16x3x64x64/rank" "$OUT/resnet.toml"
 echo "== all-reduce, 2 ranks"
-mpirun $([ "$(id -u)" = 0 ] && echo --allow-run-as-root) -np 2 --bind-to none target/release/examples/allreduce_bw 45
+mpirun $([ "$(id -u)" = 0 ] && echo --allow-run-as-root) -np 2 --bind-to none "$EX/allreduce_bw" 45

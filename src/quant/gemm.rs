@@ -20,11 +20,18 @@
 //! Where the CPU has it, `vpdpwssd` on 512-bit registers multiplies, pair-sums and accumulates
 //! a whole panel row (16 channels × one `k` pair, 32 products) in one instruction, on the same
 //! i16 layout: 1.3–1.6× the AVX2 kernel on MiniLM's shapes (`examples/int8_gemm.rs`), with
-//! identical results. `vpdpbusd` (unsigned × signed bytes, 64 products) would double the
-//! products per instruction again but needs u8 activations and a correction by the weights'
-//! column sums; not written yet.
+//! identical results.
 //!
-//! Layout: `B` is packed in panels of [`NR`] output channels; within a panel, each pair of
+//! ## AMX
+//! Where the CPU and OS have Intel AMX (Sapphire Rapids and later), [`super::amx`]'s kernel
+//! runs instead: one `tdpbssd` does a 16×64 by 64×16 tile product, 16,384 signed int8
+//! multiply-adds into i32, exact like the others. It takes the weights packed as i8 quads
+//! (`[k/4][16][4]`, `k` padded to 64) and narrows each task's activation rows to i8. One
+//! thread, MiniLM's shapes: 300–575 G int8 ops/s against VNNI's 100–120
+//! (`examples/int8_gemm.rs`). Weights are packed for the kernel [`Isa::detect`] picks;
+//! `WICK_INT8_KERNEL` picks another (to compare).
+//!
+//! Pair layout (AVX2, VNNI, portable): `B` is packed in panels of [`NR`] output channels; within a panel, each pair of
 //! `k` holds the 16 channels' two values side by side (`[k/2][16][2]` i16), which is what one
 //! `vpmaddwd` against a broadcast pair of `A` needs. `k` is padded to even with zeros.
 //! The micro-kernel computes [`MR`]×[`NR`] outputs with 12 accumulators. Tiles of the output
@@ -39,12 +46,21 @@ pub const MR: usize = 6;
 /// Columns (output channels) of the micro-kernel and of a packed panel.
 pub const NR: usize = 16;
 
-/// Weights `[n, k]` packed for [`gemm`]: i16 panels of [`NR`] rows of `B`.
+/// Weights `[n, k]` packed for [`gemm`]: panels of [`NR`] rows of `B`, in the layout of the
+/// kernel they were packed for.
 #[derive(Debug, Clone)]
 pub struct Packed {
     pub n: usize,
     pub k: usize,
-    data: Vec<i16>,
+    panels: Panels,
+}
+
+#[derive(Debug, Clone)]
+enum Panels {
+    /// i16 `[k/2][NR][2]` per panel (the AVX2, VNNI and portable kernels).
+    Pairs(Vec<i16>),
+    /// i8 `[kq/4][NR][4]` per panel, `k` padded to 64 (the AMX kernel, [`super::amx`]).
+    Quads(Vec<i8>),
 }
 
 impl Packed {
@@ -53,20 +69,69 @@ impl Packed {
         self.k.next_multiple_of(2)
     }
 
+    fn pairs(&self) -> &[i16] {
+        match &self.panels {
+            Panels::Pairs(d) => d,
+            Panels::Quads(_) => unreachable!("pair kernels get pair-packed weights"),
+        }
+    }
+
     fn panel(&self, p: usize) -> &[i16] {
         let len = self.kp() * NR;
-        &self.data[p * len..(p + 1) * len]
+        &self.pairs()[p * len..(p + 1) * len]
+    }
+
+    /// Whether the panels are in the layout `isa`'s kernel reads.
+    fn fits(&self, isa: Isa) -> bool {
+        matches!(
+            (&self.panels, isa),
+            (Panels::Quads(_), Isa::Amx)
+                | (
+                    Panels::Pairs(_),
+                    Isa::Portable | Isa::Avx2 | Isa::Avx512Vnni
+                )
+        )
+    }
+
+    /// The int8 weights `[n, k]` back.
+    pub fn unpack(&self) -> Vec<i8> {
+        match &self.panels {
+            Panels::Quads(d) => super::amx::unpack(d, self.n, self.k, NR),
+            Panels::Pairs(d) => {
+                let kp = self.kp();
+                let mut b = vec![0i8; self.n * self.k];
+                for (j, row) in b.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
+                    let panel = &d[(j / NR) * kp * NR..];
+                    for (kk, v) in row.iter_mut().enumerate() {
+                        *v = panel[((kk / 2) * NR + j % NR) * 2 + kk % 2] as i8;
+                    }
+                }
+                b
+            }
+        }
     }
 
     /// Bytes held by the packed panels.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 2
+        match &self.panels {
+            Panels::Pairs(d) => d.len() * 2,
+            Panels::Quads(d) => d.len(),
+        }
     }
 }
 
-/// Packs int8 weights `b` (`[n, k]`, row-major) into panels.
+/// Packs int8 weights `b` (`[n, k]`, row-major) into panels for this CPU's kernel.
 pub fn pack(b: &[i8], n: usize, k: usize) -> Packed {
+    pack_for(b, n, k, Isa::detect())
+}
+
+/// Packs int8 weights `b` (`[n, k]`, row-major) into panels for `isa`'s kernel.
+pub fn pack_for(b: &[i8], n: usize, k: usize, isa: Isa) -> Packed {
     assert_eq!(b.len(), n * k, "pack: {} values for [{n}, {k}]", b.len());
+    if isa == Isa::Amx {
+        let panels = Panels::Quads(super::amx::pack(b, n, k, NR));
+        return Packed { n, k, panels };
+    }
     let kp = k.next_multiple_of(2);
     let panels = n.div_ceil(NR);
     let mut data = vec![0i16; panels * kp * NR];
@@ -80,7 +145,11 @@ pub fn pack(b: &[i8], n: usize, k: usize) -> Packed {
                 }
             }
         });
-    Packed { n, k, data }
+    Packed {
+        n,
+        k,
+        panels: Panels::Pairs(data),
+    }
 }
 
 /// Activations `[m, k]` quantized per row to i16 values in `[-127, 127]`, rows padded to even
@@ -214,6 +283,9 @@ pub fn gemm_i32(a: &[i8], m: usize, b: &Packed) -> Vec<i32> {
 
 /// As [`gemm_i32`] with a chosen instruction set (tests run every one).
 pub fn gemm_i32_with(a: &[i8], m: usize, b: &Packed, isa: Isa) -> Vec<i32> {
+    if !b.fits(isa) {
+        return gemm_i32_with(a, m, &pack_for(&b.unpack(), b.n, b.k, isa), isa);
+    }
     let (k, kp) = (b.k, b.kp());
     assert_eq!(a.len(), m * k, "gemm: {} values for [{m}, {k}]", a.len());
     let mut q = vec![0i16; m * kp];
@@ -224,9 +296,9 @@ pub fn gemm_i32_with(a: &[i8], m: usize, b: &Packed, isa: Isa) -> Vec<i32> {
     }
     let mut out = vec![0i32; m * b.n];
     let ptr = SendPtr(out.as_mut_ptr());
-    let emit = |i0: usize, mm: usize, p: usize, tile: &[[i32; NR]; MR]| {
+    let emit = |i0: usize, p: usize, tile: &[[i32; NR]]| {
         let nn = NR.min(b.n - p * NR);
-        for (r, acc) in tile.iter().enumerate().take(mm) {
+        for (r, acc) in tile.iter().enumerate() {
             // SAFETY: tile (i0.., p) owns rows i0..i0+mm, columns p·NR..p·NR+nn of `out`.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(ptr.at((i0 + r) * b.n + p * NR), nn) };
@@ -275,10 +347,10 @@ pub fn gemm_f32_act(a: &QRows, b: &Packed, sw: &[f32], bias: Option<&[f32]>, act
     tiles(
         m,
         n,
-        |i0, mm, p, tile: &[[i32; NR]; MR]| {
+        |i0, p, tile: &[[i32; NR]]| {
             let j0 = p * NR;
             let nn = NR.min(n - j0);
-            for (r, acc) in tile.iter().enumerate().take(mm) {
+            for (r, acc) in tile.iter().enumerate() {
                 let sa = a.scale[i0 + r];
                 // SAFETY: tile (i0.., p) owns rows i0..i0+mm, columns j0..j0+nn of `out`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(ptr.at((i0 + r) * n + j0), nn) };
@@ -327,11 +399,36 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 VNNI (`vpdpwssd` on 512-bit registers: one panel row per instruction).
     Avx512Vnni,
+    /// x86-64 AMX int8 (`tdpbssd` on 16×64 tiles, [`super::amx`]).
+    Amx,
 }
 
 impl Isa {
-    /// The best kernel this CPU runs.
+    /// The best kernel this CPU runs, or the one `WICK_INT8_KERNEL` (`amx`, `vnni`, `avx2`,
+    /// `portable`) names if this CPU runs it, e.g. to compare kernels.
     pub fn detect() -> Isa {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Isa::best();
+            let wanted = match std::env::var("WICK_INT8_KERNEL").as_deref() {
+                Ok("amx") => Isa::Amx,
+                Ok("vnni") => Isa::Avx512Vnni,
+                Ok("avx2") => Isa::Avx2,
+                Ok("portable") => Isa::Portable,
+                _ => return best,
+            };
+            if Isa::available().contains(&wanted) {
+                wanted
+            } else {
+                best
+            }
+        })
+    }
+
+    fn best() -> Isa {
+        if super::amx::available() {
+            return Isa::Amx;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx512f")
@@ -354,9 +451,14 @@ impl Isa {
             if std::is_x86_feature_detected!("avx2") {
                 v.push(Isa::Avx2);
             }
-            if Isa::detect() == Isa::Avx512Vnni {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
                 v.push(Isa::Avx512Vnni);
             }
+        }
+        if super::amx::available() {
+            v.push(Isa::Amx);
         }
         v
     }
@@ -366,13 +468,18 @@ impl Isa {
 const ROW_BLOCK: usize = 8 * MR;
 
 /// Runs the micro-kernel over every (row block, panel) tile, in parallel, handing each
-/// `MR × NR` result to `emit(first_row, rows, panel, acc)`.
+/// result to `emit(first_row, panel, rows)` (`rows`: up to `MR` rows of `NR` sums; up to
+/// `amx::BM` with AMX).
 fn tiles<F>(m: usize, n: usize, emit: F, a: &[i16], lda: usize, b: &Packed, isa: Isa)
 where
-    F: Fn(usize, usize, usize, &[[i32; NR]; MR]) + Sync,
+    F: Fn(usize, usize, &[[i32; NR]]) + Sync,
 {
     if m == 0 || n == 0 {
         return;
+    }
+    if let Panels::Quads(data) = &b.panels {
+        assert_eq!(isa, Isa::Amx, "AMX-packed weights need the AMX kernel");
+        return amx_tiles(m, n, emit, a, lda, b.k, data);
     }
     let panels = n.div_ceil(NR);
     let row_blocks = m.div_ceil(ROW_BLOCK);
@@ -398,7 +505,7 @@ where
                 }
                 let mut acc = [[0i32; NR]; MR];
                 kernel(isa, a, &rows, mm, panel, kp2, &mut acc);
-                emit(i0, mm, p, &acc);
+                emit(i0, p, &acc[..mm]);
                 i0 += mm;
             }
         }
@@ -410,6 +517,58 @@ where
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// [`tiles`] on AMX: tasks of [`amx::BM`] rows (narrowed to i8 once) × a group of panel
+/// pairs, each pair one `amx::block`.
+fn amx_tiles<F>(m: usize, n: usize, emit: F, a: &[i16], lda: usize, k: usize, data: &[i8])
+where
+    F: Fn(usize, usize, &[[i32; NR]]) + Sync,
+{
+    use super::amx::{self, BM};
+    let kq = amx::kq(k);
+    let panels = n.div_ceil(NR);
+    let pairs = amx::panels(n, NR) / 2;
+    let row_blocks = m.div_ceil(BM);
+    let pair_group = if row_blocks >= 4 {
+        pairs
+    } else {
+        pairs.div_ceil(8).max(1)
+    };
+    let groups = pairs.div_ceil(pair_group);
+    let panel = |p: usize| &data[p * kq * NR..(p + 1) * kq * NR];
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let i0 = rb * BM;
+        let mm = BM.min(m - i0);
+        AMX_ROWS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(BM * kq, 0);
+            amx::narrow_rows(a, lda, m, k, i0, &mut buf);
+            let mut c = [[[0i32; NR]; BM]; 2];
+            amx::with_tiles(|| {
+                for q in g * pair_group..((g + 1) * pair_group).min(pairs) {
+                    amx::block(&buf, panel(2 * q), panel(2 * q + 1), kq, &mut c);
+                    for (h, tile) in c.iter().enumerate() {
+                        if 2 * q + h < panels {
+                            emit(i0, 2 * q + h, &tile[..mm]);
+                        }
+                    }
+                }
+            });
+        });
+    };
+    let tasks = row_blocks * groups;
+    if tasks > 1 && m * n * k >= 1 << 16 && rayon::current_num_threads() > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+thread_local! {
+    /// The i8 rows of the AMX kernel's current task.
+    static AMX_ROWS: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The micro-kernel over the first `mm` of `rows`.

@@ -15,6 +15,7 @@
 //! skips, or whose int8 output differs from its f32 output by more than
 //! [`QuantConfig::max_error`] on calibration data (the sensitivity check), stays in f32.
 
+pub mod amx;
 mod file;
 pub mod gemm;
 mod ops;
