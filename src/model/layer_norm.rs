@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::op_f32;
+use super::vecmath::dispatch;
 
 /// Rows per parallel task (fixed, so sums do not depend on the thread count).
 const ROWS: usize = 32;
@@ -34,14 +35,47 @@ struct LayerNorm {
     eps: f32,
 }
 
+/// Lanes of the row sums: they vectorise, and their order is fixed (so is the result).
+const LANES: usize = 16;
+
+/// `Σ f(v)` over `row`, in [`LANES`] fixed lanes.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + tail
+}
+
 /// Mean and reciprocal standard deviation of a row.
-#[inline]
+#[inline(always)]
 fn stats(row: &[f32], eps: f32) -> (f32, f32) {
     let h = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / h;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h;
+    let mean = lane_sum(row, |v| v) / h;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / h;
     (mean, 1.0 / (var + eps).sqrt())
 }
+
+// One row of the forward pass (vectorised for the CPU at hand; the same arithmetic in every
+// variant, so the same result).
+dispatch!(normalize_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, o: &mut [f32]) {
+    let (mean, rstd) = stats(x, eps);
+    for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (x - mean) * rstd * w + b;
+    }
+});
 
 fn width(l: &Layout, lw: &Layout, lb: &Layout) -> candle_core::Result<usize> {
     let h = *l.dims().last().unwrap_or(&0);
@@ -79,10 +113,7 @@ impl CustomOp3 for LayerNorm {
             .zip(x.par_chunks(h * ROWS))
             .for_each(|(o, x)| {
                 for (o, x) in o.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-                    let (mean, rstd) = stats(x, self.eps);
-                    for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                        *o = (x - mean) * rstd * w + b;
-                    }
+                    normalize_row(x, w, b, self.eps, o);
                 }
             });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
