@@ -7,7 +7,7 @@
 # all-reduce and the per-step stop vote, waiting for the other rank included), a figure the
 # machine's drifting speed does not skew. Needs OpenMPI (scripts/fetch-mpi.sh). EPOCHS_MLP / EPOCHS_RESNET shorten it.
 # WICK_PREBUILT=DIR takes wick, synthetic_data and allreduce_bw from DIR instead of building
-# them (for a machine without Rust).
+# them (for a machine without Rust). SKIP_RESNET=1 leaves ResNet-18 out.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -n "${WICK_PREBUILT:-}" ]; then
@@ -44,13 +44,25 @@ batch_size = 16
 drop_last = true
 TOML
 
+# PIN="A B" pins the runs to CPUs A and B (the single run to A, the ranks and the two
+# independent runs to one each), on machines with cores to spare.
+read -r -a PINS <<< "${PIN:-}"
+on() { # CPU-INDEX COMMAND...: the command, pinned to that CPU when PIN is set
+    local i=$1; shift
+    if [ ${#PINS[@]} -ge 2 ]; then taskset -c "${PINS[$i]}" "$@"; else "$@"; fi
+}
+LAUNCH=("$W" launch --nproc 2)
+if [ ${#PINS[@]} -ge 2 ]; then
+    LAUNCH+=(--mpi-arg=--cpu-set --mpi-arg="${PINS[0]},${PINS[1]}" --mpi-arg=--bind-to --mpi-arg=core)
+fi
+
 compare() { # NAME CONFIG SETS...
     local name=$1 cfg=$2; shift 2
-    "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-1" "$@" >/dev/null
-    "$W" launch --nproc 2 -- train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-2" "$@" >/dev/null
+    on 0 "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-1" "$@" >/dev/null
+    "${LAUNCH[@]}" -- train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-2" "$@" >/dev/null
     # The machine's own ceiling: two independent 1-rank runs at once, no communication.
-    "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-a" "$@" >/dev/null &
-    "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-b" "$@" >/dev/null
+    on 0 "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-a" "$@" >/dev/null &
+    on 1 "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-b" "$@" >/dev/null
     wait
     python3 - "$name" "$OUT/$name" <<'PY'
 import json, sys
@@ -66,6 +78,6 @@ PY
 echo "== throughput, 1 thread per rank"
 compare "digits MLP, batch 32/rank" configs/digits_mlp.toml --set train.batch_size=32 --set "train.epochs=${EPOCHS_MLP:-60}"
 compare "digits MLP, batch 128/rank" configs/digits_mlp.toml --set train.batch_size=128 --set "train.epochs=${EPOCHS_MLP:-60}"
-compare "ResNet-18 16x3x64x64/rank" "$OUT/resnet.toml"
+[ -n "${SKIP_RESNET:-}" ] || compare "ResNet-18 16x3x64x64/rank" "$OUT/resnet.toml"
 echo "== all-reduce, 2 ranks"
 mpirun $([ "$(id -u)" = 0 ] && echo --allow-run-as-root) -np 2 --bind-to none "$EX/allreduce_bw" 45
