@@ -60,6 +60,22 @@ fn int8_gemm_matches_the_scalar_reference_exactly_on_odd_shapes() {
 }
 
 #[test]
+fn the_amx_kernel_runs_where_the_cpu_has_amx() {
+    // On Linux the kernel lists the CPU's AMX in /proc/cpuinfo once it can grant the tile
+    // state; the exactness test above then covers the AMX kernel. A failed permission request
+    // would silently fall back to the VNNI kernel, and this catches that.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    if has("amx_tile") && has("amx_int8") {
+        assert!(
+            Isa::available().contains(&Isa::Amx),
+            "the CPU has AMX but the int8 GEMM does not use it"
+        );
+        assert_eq!(Isa::detect(), Isa::Amx);
+    }
+}
+
+#[test]
 fn int8_gemm_is_the_same_for_any_thread_count() {
     let mut r = Rng::new(5);
     let (m, n, k) = (211, 130, 77);
