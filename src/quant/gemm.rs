@@ -17,21 +17,25 @@
 //! unpacked weights).
 //!
 //! ## AVX-512 VNNI
-//! Where the CPU has it, `vpdpwssd` on 512-bit registers multiplies, pair-sums and accumulates
-//! a whole panel row (16 channels × one `k` pair, 32 products) in one instruction, on the same
-//! i16 layout: 1.3–1.6× the AVX2 kernel on MiniLM's shapes (`examples/int8_gemm.rs`), with
-//! identical results.
+//! Where the CPU has it (and no AMX), `vpdpbusd` on 512-bit registers multiplies unsigned by
+//! signed bytes, sums each group of four and accumulates: a whole quad panel row (16
+//! channels × 4 values of `k`, 64 products) per instruction. Activations are shifted to
+//! unsigned once per task (`u = a + 128`), and each output is corrected by `128 · Σ_k b[j][k]`
+//! (stored when packing), which leaves exactly `Σ a·b` in i32: no saturation (`vpdpbusd`,
+//! unlike `vpmaddubsw`, widens before it adds). Weights are packed as i8 quads, the AMX
+//! layout. 1.7–2.2× the earlier `vpdpwssd` kernel on i16 pairs (32 products per instruction),
+//! which it replaced (`examples/int8_gemm.rs`).
 //!
 //! ## AMX
 //! Where the CPU and OS have Intel AMX (Sapphire Rapids and later), [`super::amx`]'s kernel
 //! runs instead: one `tdpbssd` does a 16×64 by 64×16 tile product, 16,384 signed int8
 //! multiply-adds into i32, exact like the others. It takes the weights packed as i8 quads
 //! (`[k/4][16][4]`, `k` padded to 64) and narrows each task's activation rows to i8. One
-//! thread, MiniLM's shapes: 300–575 G int8 ops/s against VNNI's 100–120
+//! thread, MiniLM's shapes: 300–1,000 G int8 ops/s against the VNNI kernel's 190–280
 //! (`examples/int8_gemm.rs`). Weights are packed for the kernel [`Isa::detect`] picks;
 //! `WICK_INT8_KERNEL` picks another (to compare).
 //!
-//! Pair layout (AVX2, VNNI, portable): `B` is packed in panels of [`NR`] output channels; within a panel, each pair of
+//! Pair layout (AVX2, portable): `B` is packed in panels of [`NR`] output channels; within a panel, each pair of
 //! `k` holds the 16 channels' two values side by side (`[k/2][16][2]` i16), which is what one
 //! `vpmaddwd` against a broadcast pair of `A` needs. `k` is padded to even with zeros.
 //! The micro-kernel computes [`MR`]×[`NR`] outputs with 12 accumulators. Tiles of the output
@@ -57,10 +61,12 @@ pub struct Packed {
 
 #[derive(Debug, Clone)]
 enum Panels {
-    /// i16 `[k/2][NR][2]` per panel (the AVX2, VNNI and portable kernels).
+    /// i16 `[k/2][NR][2]` per panel (the AVX2 and portable kernels).
     Pairs(Vec<i16>),
-    /// i8 `[kq/4][NR][4]` per panel, `k` padded to 64 (the AMX kernel, [`super::amx`]).
-    Quads(Vec<i8>),
+    /// i8 `[kq/4][NR][4]` per panel, `k` padded to 64 (the AMX kernel, [`super::amx`], and
+    /// the VNNI byte kernel), with each output channel's sum of weights (the byte kernel's
+    /// correction for its unsigned activations).
+    Quads { data: Vec<i8>, colsum: Vec<i32> },
 }
 
 impl Packed {
@@ -72,7 +78,7 @@ impl Packed {
     fn pairs(&self) -> &[i16] {
         match &self.panels {
             Panels::Pairs(d) => d,
-            Panels::Quads(_) => unreachable!("pair kernels get pair-packed weights"),
+            Panels::Quads { .. } => unreachable!("pair kernels get pair-packed weights"),
         }
     }
 
@@ -85,18 +91,15 @@ impl Packed {
     fn fits(&self, isa: Isa) -> bool {
         matches!(
             (&self.panels, isa),
-            (Panels::Quads(_), Isa::Amx)
-                | (
-                    Panels::Pairs(_),
-                    Isa::Portable | Isa::Avx2 | Isa::Avx512Vnni
-                )
+            (Panels::Quads { .. }, Isa::Amx | Isa::Avx512Vnni)
+                | (Panels::Pairs(_), Isa::Portable | Isa::Avx2)
         )
     }
 
     /// The int8 weights `[n, k]` back.
     pub fn unpack(&self) -> Vec<i8> {
         match &self.panels {
-            Panels::Quads(d) => super::amx::unpack(d, self.n, self.k, NR),
+            Panels::Quads { data, .. } => super::amx::unpack(data, self.n, self.k, NR),
             Panels::Pairs(d) => {
                 let kp = self.kp();
                 let mut b = vec![0i8; self.n * self.k];
@@ -115,7 +118,7 @@ impl Packed {
     pub fn bytes(&self) -> usize {
         match &self.panels {
             Panels::Pairs(d) => d.len() * 2,
-            Panels::Quads(d) => d.len(),
+            Panels::Quads { data, colsum } => data.len() + 4 * colsum.len(),
         }
     }
 }
@@ -128,8 +131,14 @@ pub fn pack(b: &[i8], n: usize, k: usize) -> Packed {
 /// Packs int8 weights `b` (`[n, k]`, row-major) into panels for `isa`'s kernel.
 pub fn pack_for(b: &[i8], n: usize, k: usize, isa: Isa) -> Packed {
     assert_eq!(b.len(), n * k, "pack: {} values for [{n}, {k}]", b.len());
-    if isa == Isa::Amx {
-        let panels = Panels::Quads(super::amx::pack(b, n, k, NR));
+    if matches!(isa, Isa::Amx | Isa::Avx512Vnni) {
+        let colsum = b
+            .chunks_exact(k.max(1))
+            .take(n)
+            .map(|row| row.iter().map(|&v| v as i32).sum())
+            .collect();
+        let data = super::amx::pack(b, n, k, NR);
+        let panels = Panels::Quads { data, colsum };
         return Packed { n, k, panels };
     }
     let kp = k.next_multiple_of(2);
@@ -400,7 +409,8 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 (`vpmaddwd`).
     Avx2,
-    /// x86-64 AVX-512 VNNI (`vpdpwssd` on 512-bit registers: one panel row per instruction).
+    /// x86-64 AVX-512 VNNI (`vpdpbusd` on bytes: 64 products per instruction; activations
+    /// shifted to unsigned, the weights' sums subtracted after).
     Avx512Vnni,
     /// x86-64 AMX int8 (`tdpbssd` on 16×64 tiles, [`super::amx`]).
     Amx,
@@ -480,9 +490,12 @@ where
     if m == 0 || n == 0 {
         return;
     }
-    if let Panels::Quads(data) = &b.panels {
-        assert_eq!(isa, Isa::Amx, "AMX-packed weights need the AMX kernel");
-        return amx_tiles(m, n, emit, a, lda, b.k, data);
+    if let Panels::Quads { data, colsum } = &b.panels {
+        return match isa {
+            Isa::Amx => amx_tiles(m, n, emit, a, lda, b.k, data),
+            Isa::Avx512Vnni => byte_tiles(m, n, emit, a, lda, b.k, data, colsum),
+            _ => unreachable!("quad-packed weights go to the AMX or VNNI byte kernel"),
+        };
     }
     let panels = n.div_ceil(NR);
     let row_blocks = m.div_ceil(ROW_BLOCK);
@@ -569,8 +582,137 @@ where
     }
 }
 
+/// [`tiles`] with `vpdpbusd`: tasks of [`ROW_BLOCK`] rows, shifted once to unsigned bytes
+/// (`a + 128`) into a zero-padded block, × a group of panels; each `MR × NR` micro-tile's sums
+/// are corrected by `128 · Σ_k b[j][k]`, which makes them exactly `Σ a·b`.
+#[allow(clippy::too_many_arguments)]
+fn byte_tiles<F>(
+    m: usize,
+    n: usize,
+    emit: F,
+    a: &[i16],
+    lda: usize,
+    k: usize,
+    data: &[i8],
+    colsum: &[i32],
+) where
+    F: Fn(usize, usize, &[[i32; NR]]) + Sync,
+{
+    let kq = super::amx::kq(k);
+    let panels = n.div_ceil(NR);
+    let row_blocks = m.div_ceil(ROW_BLOCK);
+    let panel_group = if row_blocks >= 4 {
+        panels
+    } else {
+        panels.div_ceil(8).max(1)
+    };
+    let groups = panels.div_ceil(panel_group);
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let i0 = rb * ROW_BLOCK;
+        let rows = ROW_BLOCK.min(m - i0);
+        BYTE_ROWS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(ROW_BLOCK * kq, 0);
+            for (r, row) in buf.chunks_exact_mut(kq).enumerate().take(rows) {
+                for (d, &v) in row.iter_mut().zip(&a[(i0 + r) * lda..][..k]) {
+                    *d = (v + 128) as u8;
+                }
+                row[k..].fill(0);
+            }
+            for p in g * panel_group..((g + 1) * panel_group).min(panels) {
+                let panel = &data[p * kq * NR..(p + 1) * kq * NR];
+                let sums: [i32; NR] =
+                    std::array::from_fn(|j| 128 * colsum.get(p * NR + j).copied().unwrap_or(0));
+                let mut r0 = 0;
+                while r0 < rows {
+                    let mm = MR.min(rows - r0);
+                    let mut acc = [[0i32; NR]; MR];
+                    byte_kernel(&buf[r0 * kq..(r0 + mm) * kq], kq, mm, panel, &mut acc);
+                    for row in acc.iter_mut().take(mm) {
+                        for (v, s) in row.iter_mut().zip(&sums) {
+                            *v -= s;
+                        }
+                    }
+                    emit(i0 + r0, p, &acc[..mm]);
+                    r0 += mm;
+                }
+            }
+        });
+    };
+    let tasks = row_blocks * groups;
+    if tasks > 1 && m * n * k >= 1 << 16 && rayon::current_num_threads() > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// The byte micro-kernel over `mm` rows of `a` (`[mm][kq]` u8) and a quad panel.
+fn byte_kernel(a: &[u8], kq: usize, mm: usize, panel: &[i8], acc: &mut [[i32; NR]; MR]) {
+    assert!(a.len() >= mm * kq && panel.len() >= kq * NR && kq.is_multiple_of(4));
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni"),
+            "the VNNI byte kernel needs AVX-512 VNNI"
+        );
+        let (a, b) = (a.as_ptr(), panel.as_ptr());
+        // SAFETY: AVX-512 VNNI checked above; `mm` rows of `kq` bytes and a panel of `kq·NR`
+        // bytes, checked above.
+        unsafe {
+            match mm {
+                1 => vnni::kernel::<1>(a, kq, b, acc),
+                2 => vnni::kernel::<2>(a, kq, b, acc),
+                3 => vnni::kernel::<3>(a, kq, b, acc),
+                4 => vnni::kernel::<4>(a, kq, b, acc),
+                5 => vnni::kernel::<5>(a, kq, b, acc),
+                _ => vnni::kernel::<MR>(a, kq, b, acc),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the VNNI byte kernel is x86-64 only ({mm} rows, {kq})");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `acc[r][j] = Σ_k a[r][k] · B[j][k]` (`a` unsigned bytes, rows of `kq`; `B` one quad
+    /// panel): per `k` quad, one panel load and a `vpdpbusd` per row against the row's four
+    /// bytes broadcast.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn kernel<const M: usize>(
+        a: *const u8,
+        kq: usize,
+        b: *const i8,
+        acc: &mut [[i32; NR]; MR],
+    ) {
+        let mut c = [_mm512_setzero_si512(); M];
+        // SAFETY: the caller guarantees M rows of kq bytes at `a` and kq·NR bytes at `b`.
+        unsafe {
+            for t in 0..kq / 4 {
+                let bv = _mm512_loadu_si512(b.add(t * 4 * NR) as *const __m512i);
+                for (r, c) in c.iter_mut().enumerate() {
+                    let av =
+                        _mm512_set1_epi32((a.add(r * kq + 4 * t) as *const i32).read_unaligned());
+                    *c = _mm512_dpbusd_epi32(*c, av, bv);
+                }
+            }
+            for (dst, c) in acc.iter_mut().zip(&c) {
+                _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, *c);
+            }
+        }
+    }
+}
+
 thread_local! {
+    /// The unsigned byte rows of the VNNI byte kernel's current task.
+    static BYTE_ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The i8 rows of the AMX kernel's current task.
+
     static AMX_ROWS: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -607,10 +749,6 @@ fn kernel(
         // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2; bounds checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { by_rows!(avx2) },
-        // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has AVX-512 F and VNNI; bounds
-        // checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => unsafe { by_rows!(vnni) },
         _ => portable_kernel(a, rows, panel, kp2, acc),
     }
 }
@@ -685,38 +823,6 @@ fn unrolled_by_two(n: usize, mut step: impl FnMut(usize)) {
     }
     if t < n {
         step(t);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::{MR, NR};
-    use std::arch::x86_64::*;
-
-    /// As `avx2::kernel`: a panel row of one `k` pair (16 channels × 2 values) is exactly one
-    /// 512-bit register, and `vpdpwssd` multiplies, pair-sums and accumulates it in one
-    /// instruction (AVX2 needs two per half).
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub unsafe fn kernel<const M: usize>(
-        a: *const i16,
-        rows: &[usize; MR],
-        b: *const i16,
-        kp2: usize,
-        acc: &mut [[i32; NR]; MR],
-    ) {
-        let mut c = [_mm512_setzero_si512(); M];
-        let ap: [*const i32; M] = std::array::from_fn(|r| a.add(rows[r]) as *const i32);
-        let step = |c: &mut [__m512i; M], t: usize| {
-            let bv = _mm512_loadu_si512(b.add(t * 2 * NR) as *const __m512i);
-            for r in 0..M {
-                let av = _mm512_set1_epi32(ap[r].add(t).read_unaligned());
-                c[r] = _mm512_dpwssd_epi32(c[r], av, bv);
-            }
-        };
-        super::unrolled_by_two(kp2, |t| step(&mut c, t));
-        for (dst, c) in acc.iter_mut().zip(&c) {
-            _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, *c);
-        }
     }
 }
 
