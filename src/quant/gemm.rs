@@ -480,6 +480,36 @@ impl Isa {
 /// Rows per task: a block of micro-tiles sharing one pass over a weight panel.
 const ROW_BLOCK: usize = 8 * MR;
 
+/// Runs `task(first_row, units)` for every block of `block` rows × group of `units` (panels,
+/// or panel pairs), in parallel when the product (`work` multiply-adds) is worth it. With few
+/// row blocks (a batch of one) the units are split into groups too, so that every core works.
+/// The tasks depend only on the shapes, so results do not depend on the thread count.
+fn schedule(
+    m: usize,
+    units: usize,
+    block: usize,
+    work: usize,
+    task: impl Fn(usize, std::ops::Range<usize>) + Sync,
+) {
+    let row_blocks = m.div_ceil(block);
+    let group = if row_blocks >= 4 {
+        units
+    } else {
+        units.div_ceil(8).max(1)
+    };
+    let groups = units.div_ceil(group);
+    let run = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        task(rb * block, g * group..((g + 1) * group).min(units));
+    };
+    let tasks = row_blocks * groups;
+    if tasks > 1 && work >= 1 << 16 && rayon::current_num_threads() > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
+}
+
 /// Runs the micro-kernel over every (row block, panel) tile, in parallel, handing each
 /// result to `emit(first_row, panel, rows)` (`rows`: up to `MR` rows of `NR` sums; up to
 /// `amx::BM` with AMX).
@@ -497,20 +527,10 @@ where
             _ => unreachable!("quad-packed weights go to the AMX or VNNI byte kernel"),
         };
     }
-    let panels = n.div_ceil(NR);
-    let row_blocks = m.div_ceil(ROW_BLOCK);
-    // Few rows (a batch of one): split the panels too, so that every core works.
-    let panel_group = if row_blocks >= 4 {
-        panels
-    } else {
-        panels.div_ceil(8).max(1)
-    };
-    let groups = panels.div_ceil(panel_group);
     let kp2 = b.kp() / 2;
-    let task = |t: usize| {
-        let (rb, g) = (t / groups, t % groups);
-        let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));
-        for p in g * panel_group..((g + 1) * panel_group).min(panels) {
+    schedule(m, n.div_ceil(NR), ROW_BLOCK, m * n * b.k, |r0, panels| {
+        let r1 = (r0 + ROW_BLOCK).min(m);
+        for p in panels {
             let panel = b.panel(p);
             let mut i0 = r0;
             while i0 < r1 {
@@ -525,14 +545,7 @@ where
                 i0 += mm;
             }
         }
-    };
-    let tasks = row_blocks * groups;
-    let work = m * n * b.k;
-    if tasks > 1 && work >= 1 << 16 && rayon::current_num_threads() > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
+    });
 }
 
 /// [`tiles`] on AMX: tasks of [`amx::BM`] rows (narrowed to i8 once) × a group of panel
@@ -544,18 +557,8 @@ where
     use super::amx::{self, BM};
     let kq = amx::kq(k);
     let panels = n.div_ceil(NR);
-    let pairs = amx::panels(n, NR) / 2;
-    let row_blocks = m.div_ceil(BM);
-    let pair_group = if row_blocks >= 4 {
-        pairs
-    } else {
-        pairs.div_ceil(8).max(1)
-    };
-    let groups = pairs.div_ceil(pair_group);
     let panel = |p: usize| &data[p * kq * NR..(p + 1) * kq * NR];
-    let task = |t: usize| {
-        let (rb, g) = (t / groups, t % groups);
-        let i0 = rb * BM;
+    schedule(m, amx::panels(n, NR) / 2, BM, m * n * k, |i0, pairs| {
         let mm = BM.min(m - i0);
         AMX_ROWS.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -563,7 +566,7 @@ where
             amx::narrow_rows(a, lda, m, k, i0, &mut buf);
             let mut c = [[[0i32; NR]; BM]; 2];
             amx::with_tiles(|| {
-                for q in g * pair_group..((g + 1) * pair_group).min(pairs) {
+                for q in pairs {
                     amx::block(&buf, panel(2 * q), panel(2 * q + 1), kq, &mut c);
                     for (h, tile) in c.iter().enumerate() {
                         if 2 * q + h < panels {
@@ -573,13 +576,7 @@ where
                 }
             });
         });
-    };
-    let tasks = row_blocks * groups;
-    if tasks > 1 && m * n * k >= 1 << 16 && rayon::current_num_threads() > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
+    });
 }
 
 /// [`tiles`] with `vpdpbusd`: tasks of [`ROW_BLOCK`] rows, shifted once to unsigned bytes
@@ -599,17 +596,7 @@ fn byte_tiles<F>(
     F: Fn(usize, usize, &[[i32; NR]]) + Sync,
 {
     let kq = super::amx::kq(k);
-    let panels = n.div_ceil(NR);
-    let row_blocks = m.div_ceil(ROW_BLOCK);
-    let panel_group = if row_blocks >= 4 {
-        panels
-    } else {
-        panels.div_ceil(8).max(1)
-    };
-    let groups = panels.div_ceil(panel_group);
-    let task = |t: usize| {
-        let (rb, g) = (t / groups, t % groups);
-        let i0 = rb * ROW_BLOCK;
+    schedule(m, n.div_ceil(NR), ROW_BLOCK, m * n * k, |i0, panels| {
         let rows = ROW_BLOCK.min(m - i0);
         BYTE_ROWS.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -620,7 +607,7 @@ fn byte_tiles<F>(
                 }
                 row[k..].fill(0);
             }
-            for p in g * panel_group..((g + 1) * panel_group).min(panels) {
+            for p in panels {
                 let panel = &data[p * kq * NR..(p + 1) * kq * NR];
                 let sums: [i32; NR] =
                     std::array::from_fn(|j| 128 * colsum.get(p * NR + j).copied().unwrap_or(0));
@@ -639,13 +626,7 @@ fn byte_tiles<F>(
                 }
             }
         });
-    };
-    let tasks = row_blocks * groups;
-    if tasks > 1 && m * n * k >= 1 << 16 && rayon::current_num_threads() > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
+    });
 }
 
 /// The byte micro-kernel over `mm` rows of `a` (`[mm][kq]` u8) and a quad panel.
