@@ -2,7 +2,8 @@
 //! batch 1 × 128 tokens and batch 32 × 128 tokens, on the same token ids as the PyTorch side.
 //! Then quantizes the encoder to int8 (dynamic, `wick::quant::quantize`) and times it again.
 //! Prints JSON: `{"f32": {"batch1_s": .., "batch32_s": ..}, "int8": {..}}` (`--no-int8`: f32
-//! only; `--int8-only`: int8 only).
+//! only; `--int8-only`: int8 only; `--ab-packed`: f32 with and without the packed-weight
+//! linear kernel, alternating in one process, `--iters` rounds).
 //!
 //!     cargo run --release --example bert_infer -- [--threads 2] [--tokens 128] [--iters 5]
 
@@ -59,6 +60,35 @@ fn main() -> anyhow::Result<()> {
         Ok(median(t))
     };
     let mut out = serde_json::json!({});
+    if std::env::args().any(|a| a == "--ab-packed") {
+        // f32 with and without the packed-weight linear kernel, alternating in one process.
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..iters {
+            for (flag, v) in [(true, &mut on), (false, &mut off)] {
+                wick::model::packed_linear::set_enabled(flag);
+                v.push((time(1, 5)?, time(32, 1)?));
+            }
+        }
+        let stat = |v: &Vec<(f64, f64)>, f: fn(&(f64, f64)) -> f64| {
+            let x: Vec<f64> = v.iter().map(f).collect();
+            (
+                median(x.clone()),
+                x.iter().cloned().fold(f64::MAX, f64::min),
+            )
+        };
+        for (name, v) in [("packed", &on), ("general", &off)] {
+            let (b1m, b1b) = stat(v, |p| p.0);
+            let (b32m, b32b) = stat(v, |p| p.1);
+            println!(
+                "{name}: batch1 median {:.2} ms best {:.2} ms; batch32 median {:.3} s best {:.3} s",
+                b1m * 1e3,
+                b1b * 1e3,
+                b32m,
+                b32b
+            );
+        }
+        return Ok(());
+    }
     if !std::env::args().any(|a| a == "--int8-only") {
         let b1 = time(1, iters * 5)?;
         let b32 = time(32, iters)?;

@@ -57,6 +57,24 @@ fn minilm_embeddings_match_the_published_values_in_a_padded_batch() {
     }
     let norm: f32 = e[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
+    // In a batch large enough for the packed-weight linear kernel (≥ 384 token rows; used on
+    // CPUs with AVX-512F), the values are the published ones too.
+    let mut many = texts.to_vec();
+    many.extend(std::iter::repeat_n(texts[2], 45));
+    let big = enc.embed(&many).unwrap();
+    for (i, (&got, &w)) in big[0].iter().zip(&want).enumerate() {
+        assert!(
+            (got - w).abs() < 1e-5,
+            "batch of {}: value {i}: {got} vs {w}",
+            many.len()
+        );
+    }
+    let c = cosine(&big[1], &big[2]);
+    assert!(
+        (c - 0.7553).abs() <= 0.001,
+        "batch of {}: cosine {c}",
+        many.len()
+    );
 }
 
 fn spam() -> bool {

@@ -11,6 +11,7 @@
 //! embeddings once ([`Model::cached_features`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::Init;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use super::attention::{attention, AttentionSpec};
 use super::layer_norm::layer_norm;
 use super::linear::linear;
+use super::packed_linear::PackedLinear;
 use super::{Model, ModelCtx, ParamStore};
 use crate::{Error, Result};
 
@@ -359,7 +361,44 @@ impl Bert {
         let b = self.t(&format!("{name}.bias"), grad)?;
         let wname = format!("{name}.weight");
         crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
+            if let Some(p) = self.packed(&[name], x, grad)? {
+                return p.apply(x);
+            }
             linear(x, &self.t(&wname, grad)?, &b)
+        })
+    }
+
+    /// The frozen layers `names` (prefixes of `.weight` and `.bias`; several are stacked by
+    /// output, as query, key and value) with their weights packed for inference, made once and
+    /// kept by the store (under the first weight's name) until its values change. `None` when
+    /// a gradient is wanted, a layer trains, the CPU lacks the kernel, or `x` has too few
+    /// rows ([`super::packed_linear::worth_it`]).
+    fn packed(
+        &self,
+        names: &[&str],
+        x: &Tensor,
+        grad: bool,
+    ) -> candle_core::Result<Option<Arc<PackedLinear>>> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        if grad || !super::packed_linear::enabled() || !super::packed_linear::worth_it(rows) {
+            return Ok(None);
+        }
+        let frozen = |n: String| self.store.get(&n).is_some() && !self.store.is_trainable(&n);
+        if !names
+            .iter()
+            .all(|n| frozen(format!("{n}.weight")) && frozen(format!("{n}.bias")))
+        {
+            return Ok(None);
+        }
+        self.store.derived(&format!("{}.weight", names[0]), |_| {
+            let (mut w, mut b, mut k) = (Vec::new(), Vec::new(), 0);
+            for n in names {
+                let wt = self.t(&format!("{n}.weight"), false)?;
+                k = wt.dims2()?.1;
+                w.extend(wt.flatten_all()?.to_vec1::<f32>()?);
+                b.extend(self.t(&format!("{n}.bias"), false)?.to_vec1::<f32>()?);
+            }
+            Ok(PackedLinear::new(&w, b.len(), k, Some(&b)))
         })
     }
 
@@ -395,6 +434,15 @@ impl Bert {
                 }
             };
             return crate::quant::linear(x, &qt, Some(&bqkv));
+        }
+        if parts.iter().all(Option::is_none) {
+            let names = ["query", "key", "value"].map(|part| format!("{p}.attention.self.{part}"));
+            if let Some(packed) = self.packed(&names.each_ref().map(String::as_str), x, g)? {
+                for n in &names {
+                    self.store.observe(&format!("{n}.weight"), x)?;
+                }
+                return packed.apply(x);
+            }
         }
         let mut ws = Vec::new();
         for (part, q) in ["query", "key", "value"].iter().zip(&parts) {

@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod layer_norm;
 pub mod linear;
 pub mod mlp;
+pub mod packed_linear;
 pub mod pool;
 pub mod pretrained;
 pub mod resnet;
