@@ -383,14 +383,16 @@ impl Bert {
         if grad || !super::packed_linear::enabled() || !super::packed_linear::worth_it(rows) {
             return Ok(None);
         }
-        let frozen = |n: String| self.store.get(&n).is_some() && !self.store.is_trainable(&n);
-        if !names
-            .iter()
-            .all(|n| frozen(format!("{n}.weight")) && frozen(format!("{n}.bias")))
-        {
-            return Ok(None);
-        }
+        // `derived` checks that the first weight is frozen, and forgets what it made whenever
+        // freezing changes; the other parameters are checked once, when it is made.
         self.store.derived(&format!("{}.weight", names[0]), |_| {
+            let frozen = |n: String| self.store.get(&n).is_some() && !self.store.is_trainable(&n);
+            if !names
+                .iter()
+                .all(|n| frozen(format!("{n}.weight")) && frozen(format!("{n}.bias")))
+            {
+                return Ok(None);
+            }
             let (mut w, mut b, mut k) = (Vec::new(), Vec::new(), 0);
             for n in names {
                 let wt = self.t(&format!("{n}.weight"), false)?;

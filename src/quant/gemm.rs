@@ -595,6 +595,11 @@ fn byte_tiles<F>(
 ) where
     F: Fn(usize, usize, &[[i32; NR]]) + Sync,
 {
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni"),
+        "the VNNI byte kernel needs AVX-512 VNNI"
+    );
     let kq = super::amx::kq(k);
     schedule(m, n.div_ceil(NR), ROW_BLOCK, m * n * k, |i0, panels| {
         let rows = ROW_BLOCK.min(m - i0);
@@ -629,18 +634,15 @@ fn byte_tiles<F>(
     });
 }
 
-/// The byte micro-kernel over `mm` rows of `a` (`[mm][kq]` u8) and a quad panel.
+/// The byte micro-kernel over `mm` rows of `a` (`[mm][kq]` u8) and a quad panel. Its caller
+/// ([`byte_tiles`]) has checked that the CPU has AVX-512 VNNI.
 fn byte_kernel(a: &[u8], kq: usize, mm: usize, panel: &[i8], acc: &mut [[i32; NR]; MR]) {
     assert!(a.len() >= mm * kq && panel.len() >= kq * NR && kq.is_multiple_of(4));
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni"),
-            "the VNNI byte kernel needs AVX-512 VNNI"
-        );
         let (a, b) = (a.as_ptr(), panel.as_ptr());
-        // SAFETY: AVX-512 VNNI checked above; `mm` rows of `kq` bytes and a panel of `kq·NR`
-        // bytes, checked above.
+        // SAFETY: AVX-512 VNNI checked by the caller; `mm` rows of `kq` bytes and a panel of
+        // `kq·NR` bytes, checked above.
         unsafe {
             match mm {
                 1 => vnni::kernel::<1>(a, kq, b, acc),
@@ -693,7 +695,6 @@ thread_local! {
     /// The unsigned byte rows of the VNNI byte kernel's current task.
     static BYTE_ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The i8 rows of the AMX kernel's current task.
-
     static AMX_ROWS: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
