@@ -208,6 +208,83 @@ fn scatter<'a>(
         });
 }
 
+thread_local! {
+    /// A task's packed keys, packed values and probabilities.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// The forward pass without dropout on CPUs with AVX-512F: both products of each pair run
+/// [`super::packed_linear`]'s kernel (keys and values packed per pair, 2·L·d values), the
+/// probabilities live in a per-thread buffer, and each pair writes its context straight into
+/// its columns of the output. The backward pass recomputes the probabilities with the general
+/// product, which rounds differently in the last bits.
+fn forward_fast(
+    spec: &AttentionSpec,
+    qkv: &[f32],
+    mask: &[f32],
+    n: usize,
+    len: usize,
+    h: usize,
+    d: usize,
+) -> Vec<f32> {
+    use super::packed_linear::{block, pack_kn, pack_nk, Epilogue, NR};
+    let mut out: Vec<f32> = Vec::with_capacity(n * len * h);
+    // SAFETY: every element is written below, by the one pair whose columns hold it.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(n * len * h)
+    };
+    let dst = super::kernels::DstPtr(out.as_mut_ptr());
+    let scale = 1.0 / (d as f32).sqrt();
+    (0..n * spec.heads).into_par_iter().for_each(|i| {
+        let pair = Pair::new(i, spec.heads, len, h, d);
+        SCRATCH.with(|s| {
+            let [keys, values, p] = &mut *s.borrow_mut();
+            p.resize(len * len, 0.0);
+            pack_nk(&qkv[pair.at(1)..], 3 * h, len, d, keys);
+            pack_kn(&qkv[pair.at(2)..], 3 * h, len, d, values);
+            let o = pair.b * len * h + pair.head * d;
+            // SAFETY: AVX-512F was checked by the caller; `p` is this thread's, and the
+            // context's rows b·L.., columns head·d..+d belong to this pair alone.
+            unsafe {
+                block(
+                    &qkv[pair.at(0)..],
+                    3 * h,
+                    0..len,
+                    d,
+                    keys,
+                    0..len.div_ceil(NR),
+                    len,
+                    None,
+                    super::kernels::DstPtr(p.as_mut_ptr()),
+                    len,
+                    Epilogue::None,
+                );
+                let keep = &mask[pair.b * len..(pair.b + 1) * len];
+                for row in p.chunks_exact_mut(len) {
+                    super::vecmath::softmax_masked(row, keep, scale);
+                }
+                block(
+                    p,
+                    len,
+                    0..len,
+                    len,
+                    values,
+                    0..d.div_ceil(NR),
+                    d,
+                    None,
+                    super::kernels::DstPtr(dst.at(o)),
+                    h,
+                    Epilogue::None,
+                );
+            }
+        });
+    });
+    out
+}
+
 impl CustomOp2 for Attention {
     fn name(&self) -> &'static str {
         "wick-attention"
@@ -224,6 +301,10 @@ impl CustomOp2 for Attention {
         let (n, len, h, d) = dims(spec, l1, l2)?;
         let qkv = op_f32(s1, l1, "attention", "the packed projections")?;
         let mask = op_f32(s2, l2, "attention", "the mask")?;
+        if spec.dropout <= 0.0 && super::packed_linear::enabled() {
+            let out = forward_fast(spec, qkv, mask, n, len, h, d);
+            return Ok((CpuStorage::F32(out), Shape::from((n, len, h))));
+        }
         let blocks: Vec<Vec<f32>> = (0..n * spec.heads)
             .into_par_iter()
             .map(|i| {
@@ -441,5 +522,31 @@ mod tests {
                 max_diff(ga, gb)
             );
         }
+    }
+
+    #[test]
+    fn the_kernel_matches_the_composite_on_heads_wider_than_a_panel() {
+        // d = 40 and L = 45: two column panels for both products, partial tiles and panels.
+        let (n, len, heads, d) = (2, 45, 2, 40);
+        let h = heads * d;
+        let mut rng = crate::rng::Rng::keyed(8, "attention-test", 0);
+        let vals: Vec<f32> = (0..n * len * 3 * h).map(|_| rng.next_f32() - 0.5).collect();
+        let qkv = Tensor::from_vec(vals, (n, len, 3 * h), &Device::Cpu).unwrap();
+        let keep: Vec<f32> = (0..n * len)
+            .map(|i| if i >= len + 30 { 0.0 } else { 1.0 })
+            .collect();
+        let mask = Tensor::from_vec(keep, (n, len), &Device::Cpu).unwrap();
+        let spec = AttentionSpec {
+            heads,
+            dropout: 0.0,
+            seed: 3,
+        };
+        let a = attention(&qkv, &mask, spec).unwrap();
+        let b = attention_composite(&qkv, &mask, spec).unwrap();
+        assert!(
+            max_diff(&a, &b) < 1e-5,
+            "outputs differ by {}",
+            max_diff(&a, &b)
+        );
     }
 }

@@ -368,6 +368,34 @@ impl Bert {
         })
     }
 
+    /// `name`'s linear layer on `x`, then GELU if `gelu`, then `+ residual`. With f32 weights
+    /// packed for inference ([`Self::packed`]), both happen in the kernel's epilogue, on each
+    /// tile while it is in cache; otherwise they are separate ops. Same values either way.
+    fn dense_then(
+        &self,
+        name: &str,
+        x: &Tensor,
+        grad: bool,
+        gelu: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let wname = format!("{name}.weight");
+        if self.store.quantized(&wname).is_none() {
+            if let Some(p) = self.packed(&[name], x, grad)? {
+                self.store.observe(&wname, x)?;
+                return p.apply_with(x, gelu, residual);
+            }
+        }
+        let mut y = self.dense(name, x, grad)?;
+        if gelu {
+            y = super::act::gelu(&y)?;
+        }
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
     /// The frozen layers `names` (prefixes of `.weight` and `.bias`; several are stacked by
     /// output, as query, key and value) with their weights packed for inference, made once and
     /// kept by the store (under the first weight's name) until its values change. `None` when
@@ -529,9 +557,14 @@ impl Bert {
                     seed,
                 },
             )?;
-            let a = self.dense(&format!("{p}.attention.output.dense"), &a, g)?;
-            let a = ctx.dropout(&a, p_hidden)?;
-            x = self.norm(&format!("{p}.attention.output.LayerNorm"), &(a + &x)?, g)?;
+            let out = format!("{p}.attention.output.dense");
+            let a = if p_hidden > 0.0 {
+                let a = self.dense(&out, &a, g)?;
+                (ctx.dropout(&a, p_hidden)? + &x)?
+            } else {
+                self.dense_then(&out, &a, g, false, Some(&x))?
+            };
+            x = self.norm(&format!("{p}.attention.output.LayerNorm"), &a, g)?;
             let inter = format!("{p}.intermediate.dense");
             let i = match (
                 self.store.quantized(&format!("{inter}.weight")),
@@ -542,18 +575,23 @@ impl Bert {
                     let b = self.t(&format!("{inter}.bias"), g)?;
                     crate::quant::linear_act(&x, &q, Some(&b), crate::quant::Act::Gelu)?
                 }
+                (_, "gelu") => self.dense_then(&inter, &x, g, true, None)?,
                 _ => {
                     let i = self.dense(&inter, &x, g)?;
                     match c.hidden_act.as_str() {
-                        "gelu" => super::act::gelu(&i)?,
                         "relu" => super::act::relu(&i)?,
                         _ => i.gelu()?,
                     }
                 }
             };
-            let o = self.dense(&format!("{p}.output.dense"), &i, g)?;
-            let o = ctx.dropout(&o, p_hidden)?;
-            x = self.norm(&format!("{p}.output.LayerNorm"), &(o + &x)?, g)?;
+            let out = format!("{p}.output.dense");
+            let o = if p_hidden > 0.0 {
+                let o = self.dense(&out, &i, g)?;
+                (ctx.dropout(&o, p_hidden)? + &x)?
+            } else {
+                self.dense_then(&out, &i, g, false, Some(&x))?
+            };
+            x = self.norm(&format!("{p}.output.LayerNorm"), &o, g)?;
         }
         Ok(x)
     }

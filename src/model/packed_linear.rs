@@ -59,17 +59,8 @@ impl PackedLinear {
             w.len()
         );
         let np = n.div_ceil(NR);
-        let mut panels = vec![0f32; np * k * NR];
-        panels
-            .par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for j in 0..NR.min(n - p * NR) {
-                    for (kk, &v) in w[(p * NR + j) * k..][..k].iter().enumerate() {
-                        panel[kk * NR + j] = v;
-                    }
-                }
-            });
+        let mut panels = Vec::new();
+        pack_nk(w, k, n, k, &mut panels);
         let mut b = vec![0f32; np * NR];
         if let Some(bias) = bias {
             assert_eq!(
@@ -90,6 +81,17 @@ impl PackedLinear {
 
     /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), with no gradient.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply_with(x, false, None)
+    }
+
+    /// [`Self::apply`], then GELU if `gelu`, then `+ residual` (the output's shape) if given,
+    /// both on each tile of outputs while it is in cache: the values of the separate ops.
+    pub fn apply_with(
+        &self,
+        x: &Tensor,
+        gelu: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let k = *x.dims().last().unwrap_or(&0);
         if k != self.k || k == 0 {
             candle_core::bail!(
@@ -101,17 +103,41 @@ impl PackedLinear {
         }
         let x = x.contiguous()?;
         let m = x.elem_count() / k;
-        let y = match with_f32(&x, |v| self.forward(v, m)) {
-            Some(y) => y,
-            None => self.forward(&x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, m),
-        };
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("k > 0") = self.n;
+        let residual = match residual {
+            Some(r) if r.dims() != shape.as_slice() => {
+                candle_core::bail!("linear: residual {:?} for an output {:?}", r.dims(), shape)
+            }
+            Some(_) if gelu => candle_core::bail!("linear: GELU and a residual together"),
+            Some(r) => Some(r.to_dtype(DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let run = |xv: &[f32]| -> candle_core::Result<Vec<f32>> {
+            Ok(match &residual {
+                None if gelu => self.forward_with(xv, m, Epilogue::Gelu),
+                None => self.forward(xv, m),
+                Some(r) => match with_f32(r, |rv| self.forward_with(xv, m, Epilogue::Add(rv))) {
+                    Some(y) => y,
+                    None => self.forward_with(xv, m, Epilogue::Add(&host(r)?)),
+                },
+            })
+        };
+        let y = match with_f32(&x, run) {
+            Some(y) => y?,
+            None => run(&host(&x)?)?,
+        };
         Tensor::from_vec(y, shape, x.device())
     }
 
     /// `x·Wᵀ + b` for the `m` rows of `x` (`[m, k]`): `[m, n]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.forward_with(x, m, Epilogue::None)
+    }
+
+    /// [`Self::forward`], then `epilogue` on each output.
+    pub fn forward_with(&self, x: &[f32], m: usize, epilogue: Epilogue) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(
             x.len(),
@@ -149,48 +175,22 @@ impl PackedLinear {
             let r0 = rb * tiles_per_block * MR;
             let r1 = (r0 + tiles_per_block * MR).min(m);
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
-            // Blocks of `k` whose panel rows stay in L1 while every row tile of the task runs
-            // against them; the tiles' sums go through `out` between blocks. The rows are read
-            // where they are (twelve row streams), not packed.
-            for q0 in (p0..p1).step_by(PANELS_PER_PASS) {
-                for k0 in (0..k).step_by(KC) {
-                    let kc = KC.min(k - k0);
-                    for p in q0..(q0 + PANELS_PER_PASS).min(p1) {
-                        let panel = &self.panels[(p * k + k0) * NR..][..kc * NR];
-                        let bias = &self.bias[p * NR..(p + 1) * NR];
-                        let cols = NR.min(n - p * NR);
-                        for i0 in (r0..r1).step_by(MR) {
-                            let mm = MR.min(r1 - i0);
-                            let at = dst.at(i0 * n + p * NR);
-                            // The next tile's outputs, to prefetch: below, or the next panel's top.
-                            let next = if i0 + MR < r1 {
-                                (i0 + MR) * n + p * NR
-                            } else {
-                                r0 * n + (p + 1) * NR
-                            };
-                            let rows = &x[i0 * k + k0..(i0 + mm - 1) * k + k0 + kc];
-                            // SAFETY: this tile owns rows i0..+mm, columns p·NR..+cols of `out`
-                            // (written by the first block before later ones read it); `rows`
-                            // holds mm rows of kc values at stride k, `panel` kc·NR values.
-                            unsafe {
-                                imp::tile(
-                                    rows,
-                                    k,
-                                    panel,
-                                    bias,
-                                    kc,
-                                    mm,
-                                    cols,
-                                    at,
-                                    n,
-                                    k0 == 0,
-                                    dst.at(next),
-                                )
-                            };
-                        }
-                    }
-                }
-            }
+            // SAFETY: this task owns rows r0..r1, panels p0..p1 of `out`.
+            unsafe {
+                block(
+                    x,
+                    k,
+                    r0..r1,
+                    k,
+                    &self.panels,
+                    p0..p1,
+                    n,
+                    Some(&self.bias),
+                    dst,
+                    n,
+                    epilogue,
+                )
+            };
         };
         let tasks = row_blocks * groups;
         if tasks > 1 && rayon::current_num_threads() > 1 && m * n * k >= 1 << 18 {
@@ -199,6 +199,156 @@ impl PackedLinear {
             (0..tasks).for_each(task);
         }
         out
+    }
+}
+
+/// Packs `b`, `n` rows of `k` values at row stride `ldb` (PyTorch's weight layout `[n, k]`,
+/// or keys `[tokens, d]`), into panels `[n/NR][k][NR]` (zero-padded), replacing `dst`.
+pub(crate) fn pack_nk(b: &[f32], ldb: usize, n: usize, k: usize, dst: &mut Vec<f32>) {
+    let np = n.div_ceil(NR);
+    dst.clear();
+    dst.resize(np * k * NR, 0.0);
+    let fill = |(p, panel): (usize, &mut [f32])| {
+        for j in 0..NR.min(n - p * NR) {
+            for (kk, &v) in b[(p * NR + j) * ldb..][..k].iter().enumerate() {
+                panel[kk * NR + j] = v;
+            }
+        }
+    };
+    if np * k * NR >= 1 << 16 {
+        dst.par_chunks_mut(k * NR).enumerate().for_each(fill);
+    } else {
+        dst.chunks_mut(k * NR).enumerate().for_each(fill);
+    }
+}
+
+/// Packs `b`, `k` rows of `n` values at row stride `ldb` (`[k, n]`: values `[tokens, d]`),
+/// into panels `[n/NR][k][NR]` (zero-padded), replacing `dst`.
+pub(crate) fn pack_kn(b: &[f32], ldb: usize, k: usize, n: usize, dst: &mut Vec<f32>) {
+    let np = n.div_ceil(NR);
+    dst.clear();
+    dst.resize(np * k * NR, 0.0);
+    for (p, panel) in dst.chunks_mut(k * NR).enumerate() {
+        let cols = NR.min(n - p * NR);
+        for (kk, row) in panel.chunks_mut(NR).enumerate() {
+            row[..cols].copy_from_slice(&b[kk * ldb + p * NR..][..cols]);
+        }
+    }
+}
+
+/// What a product does to each tile of outputs once they are final, while they are in L1
+/// (the same values as a separate pass afterwards, bit for bit).
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    None,
+    /// GELU (erf form), as [`super::act::gelu`].
+    Gelu,
+    /// Adds a residual `[m, n]` of the same shape as the output (`y + r`, as `(y + r)`).
+    Add(&'a [f32]),
+}
+
+impl Epilogue<'_> {
+    /// # Safety
+    /// `c` is valid for reads and writes of `rows × cols` at stride `ldc`, and for `Add` the
+    /// residual has the same layout.
+    unsafe fn apply(
+        self,
+        c: DstPtr,
+        rows: std::ops::Range<usize>,
+        ldc: usize,
+        cols: std::ops::Range<usize>,
+    ) {
+        if matches!(self, Epilogue::None) {
+            return;
+        }
+        for i in rows {
+            // SAFETY: the caller's contract.
+            let y =
+                unsafe { std::slice::from_raw_parts_mut(c.at(i * ldc + cols.start), cols.len()) };
+            match self {
+                Epilogue::None => {}
+                Epilogue::Gelu => super::vecmath::gelu_in_place(y),
+                Epilogue::Add(r) => {
+                    for (y, r) in y.iter_mut().zip(&r[i * ldc + cols.start..][..cols.len()]) {
+                        *y += r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `c[i][j] = bias[j] + Σ_k a[i·lda + k] · B[k][j]` on this thread, for the rows `rows` of `a`
+/// and the panels `ps` of `panels` (packed as by [`pack_nk`], `n` columns, `k` deep); `c`
+/// has row stride `ldc`, `bias` (one value per padded column) is zeros when `None`. Panels go
+/// 4 at a time through `k` in blocks of 128, so that a block of a panel (16 KiB) stays in L1
+/// across the row tiles and their outputs in L2. Each output is one FMA chain over `k` from the
+/// bias, whatever the ranges: results do not depend on how a product is cut into blocks.
+///
+/// # Safety
+/// AVX-512F present ([`available`]); `a` holds the rows (`lda ≥ k`), `panels` and `bias` the
+/// panels; `c` is valid for writes of `rows × (columns of ps)` at stride `ldc`, which no other
+/// thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block(
+    a: &[f32],
+    lda: usize,
+    rows: std::ops::Range<usize>,
+    k: usize,
+    panels: &[f32],
+    ps: std::ops::Range<usize>,
+    n: usize,
+    bias: Option<&[f32]>,
+    c: DstPtr,
+    ldc: usize,
+    epilogue: Epilogue,
+) {
+    const ZERO: [f32; NR] = [0.0; NR];
+    let (r0, r1) = (rows.start, rows.end);
+    if r0 >= r1 || k == 0 {
+        return;
+    }
+    for q0 in ps.clone().step_by(PANELS_PER_PASS) {
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for p in q0..(q0 + PANELS_PER_PASS).min(ps.end) {
+                let panel = &panels[(p * k + k0) * NR..][..kc * NR];
+                let bias = bias.map_or(&ZERO[..], |b| &b[p * NR..(p + 1) * NR]);
+                let cols = NR.min(n - p * NR);
+                for i0 in (r0..r1).step_by(MR) {
+                    let mm = MR.min(r1 - i0);
+                    // The next tile's outputs, to prefetch: below, or the next panel's top.
+                    let next = if i0 + MR < r1 {
+                        (i0 + MR) * ldc + p * NR
+                    } else {
+                        r0 * ldc + (p + 1) * NR
+                    };
+                    let x = &a[i0 * lda + k0..(i0 + mm - 1) * lda + k0 + kc];
+                    // SAFETY: the caller's contract; `x` holds mm rows of kc values at stride
+                    // lda, `panel` kc·NR values; the first block of `k` writes every output of
+                    // the tile before later blocks read it.
+                    unsafe {
+                        imp::tile(
+                            x,
+                            lda,
+                            panel,
+                            bias,
+                            kc,
+                            mm,
+                            cols,
+                            c.at(i0 * ldc + p * NR),
+                            ldc,
+                            k0 == 0,
+                            c.at(next),
+                        )
+                    };
+                    if k0 + kc == k {
+                        // SAFETY: the tile's outputs, final and still in L1.
+                        unsafe { epilogue.apply(c, i0..i0 + mm, ldc, p * NR..p * NR + cols) };
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -448,5 +598,25 @@ mod tests {
             );
             assert_eq!(run(3), got);
         }
+    }
+
+    #[test]
+    fn epilogues_give_the_separate_ops_values_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let mut r = crate::rng::Rng::new(4);
+        let (m, n, k) = (61, 70, 300);
+        let x: Vec<f32> = (0..m * k).map(|_| r.normal() as f32).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| r.normal() as f32).collect();
+        let b: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
+        let res: Vec<f32> = (0..m * n).map(|_| r.normal() as f32).collect();
+        let p = PackedLinear::new(&w, n, k, Some(&b)).unwrap();
+        let y = p.forward(&x, m);
+        let mut g = vec![0f32; m * n];
+        crate::model::vecmath::gelu(&y, &mut g);
+        assert_eq!(p.forward_with(&x, m, Epilogue::Gelu), g);
+        let sum: Vec<f32> = y.iter().zip(&res).map(|(y, r)| y + r).collect();
+        assert_eq!(p.forward_with(&x, m, Epilogue::Add(&res)), sum);
     }
 }
