@@ -396,6 +396,24 @@ impl Bert {
         }
     }
 
+    /// `name`'s linear layer on `x`, dropout `p`, then `+ residual`: one fused product when
+    /// there is no dropout ([`Self::dense_then`]).
+    fn dense_dropout_add(
+        &self,
+        name: &str,
+        x: &Tensor,
+        residual: &Tensor,
+        grad: bool,
+        p: f32,
+        ctx: &mut ModelCtx,
+    ) -> candle_core::Result<Tensor> {
+        if p > 0.0 {
+            let y = self.dense(name, x, grad)?;
+            return ctx.dropout(&y, p)? + residual;
+        }
+        self.dense_then(name, x, grad, false, Some(residual))
+    }
+
     /// The frozen layers `names` (prefixes of `.weight` and `.bias`; several are stacked by
     /// output, as query, key and value) with their weights packed for inference, made once and
     /// kept by the store (under the first weight's name) until its values change. `None` when
@@ -558,12 +576,7 @@ impl Bert {
                 },
             )?;
             let out = format!("{p}.attention.output.dense");
-            let a = if p_hidden > 0.0 {
-                let a = self.dense(&out, &a, g)?;
-                (ctx.dropout(&a, p_hidden)? + &x)?
-            } else {
-                self.dense_then(&out, &a, g, false, Some(&x))?
-            };
+            let a = self.dense_dropout_add(&out, &a, &x, g, p_hidden, ctx)?;
             x = self.norm(&format!("{p}.attention.output.LayerNorm"), &a, g)?;
             let inter = format!("{p}.intermediate.dense");
             let i = match (
@@ -584,13 +597,8 @@ impl Bert {
                     }
                 }
             };
-            let out = format!("{p}.output.dense");
-            let o = if p_hidden > 0.0 {
-                let o = self.dense(&out, &i, g)?;
-                (ctx.dropout(&o, p_hidden)? + &x)?
-            } else {
-                self.dense_then(&out, &i, g, false, Some(&x))?
-            };
+            let o =
+                self.dense_dropout_add(&format!("{p}.output.dense"), &i, &x, g, p_hidden, ctx)?;
             x = self.norm(&format!("{p}.output.LayerNorm"), &o, g)?;
         }
         Ok(x)

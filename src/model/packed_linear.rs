@@ -607,10 +607,8 @@ mod tests {
         }
         let mut r = crate::rng::Rng::new(4);
         let (m, n, k) = (61, 70, 300);
-        let x: Vec<f32> = (0..m * k).map(|_| r.normal() as f32).collect();
-        let w: Vec<f32> = (0..n * k).map(|_| r.normal() as f32).collect();
-        let b: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
-        let res: Vec<f32> = (0..m * n).map(|_| r.normal() as f32).collect();
+        let mut normal = |len: usize| -> Vec<f32> { (0..len).map(|_| r.normal() as f32).collect() };
+        let (x, w, b, res) = (normal(m * k), normal(n * k), normal(n), normal(m * n));
         let p = PackedLinear::new(&w, n, k, Some(&b)).unwrap();
         let y = p.forward(&x, m);
         let mut g = vec![0f32; m * n];
