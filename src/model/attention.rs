@@ -229,7 +229,10 @@ fn forward_fast(
     h: usize,
     d: usize,
 ) -> Vec<f32> {
-    use super::packed_linear::{block, pack_kn, pack_nk, Epilogue, NR};
+    use super::packed_linear::{block, pack_kn, pack_nk, Epilogue};
+    // 12 × 32 micro-tiles: a head is 32 to 128 values wide.
+    const NV: usize = 2;
+    const NR: usize = 16 * NV;
     let mut out: Vec<f32> = Vec::with_capacity(n * len * h);
     // SAFETY: every element is written below, by the one pair whose columns hold it.
     #[allow(clippy::uninit_vec)]
@@ -243,13 +246,13 @@ fn forward_fast(
         SCRATCH.with(|s| {
             let [keys, values, p] = &mut *s.borrow_mut();
             p.resize(len * len, 0.0);
-            pack_nk(&qkv[pair.at(1)..], 3 * h, len, d, keys);
-            pack_kn(&qkv[pair.at(2)..], 3 * h, len, d, values);
+            pack_nk::<NV>(&qkv[pair.at(1)..], 3 * h, len, d, keys);
+            pack_kn::<NV>(&qkv[pair.at(2)..], 3 * h, len, d, values);
             let o = pair.b * len * h + pair.head * d;
             // SAFETY: AVX-512F was checked by the caller; `p` is this thread's, and the
             // context's rows b·L.., columns head·d..+d belong to this pair alone.
             unsafe {
-                block(
+                block::<NV>(
                     &qkv[pair.at(0)..],
                     3 * h,
                     0..len,
@@ -266,7 +269,7 @@ fn forward_fast(
                 for row in p.chunks_exact_mut(len) {
                     super::vecmath::softmax_masked(row, keep, scale);
                 }
-                block(
+                block::<NV>(
                     p,
                     len,
                     0..len,

@@ -3,15 +3,16 @@
 //! The general f32 product ([`super::kernels::gemm_tiled`], the `gemm` crate) packs both
 //! operands on every call: the weights are repacked for each block of rows of every batch, and
 //! a separate pass writes the bias. A frozen layer's weights do not change, so this packs them
-//! once (kept by [`crate::model::ParamStore::derived`]) into panels of [`NR`] = 32 output
-//! channels, `[k][32]`, and runs an AVX-512 micro-kernel of [`MR`] = 12 rows × 32 columns:
-//! 24 accumulators that start from the bias, two panel loads and twelve broadcasts per `k`,
-//! 24 FMAs. The rows are read where they are (twelve row streams at stride `k`; packing them
-//! cost 10% of the kernel's time and gained nothing), and each tile prefetches the outputs of
-//! the next. A task is a block of up to 8 row tiles against a group of panels, taken 4 panels
-//! at a time and `k` in blocks of 128, so that a block of a panel (16 KiB) stays in L1 across
-//! the row tiles and their outputs in L2; a short batch (a single sequence) splits the panels
-//! into more groups, so that both cores get several tasks.
+//! once (kept by [`crate::model::ParamStore::derived`]) into panels of [`NR`] = 64 output
+//! channels, `[k][64]`, and runs an AVX-512 micro-kernel of [`MR`] = 6 rows × 64 columns: 24
+//! accumulators that start from the bias, four panel loads and six broadcasts per `k`, 24
+//! FMAs (attention's products use the same kernel 12 rows × 32 columns wide, [`mr`]). The rows
+//! are read where they are (row streams at stride `k`; packing them cost 10% of the kernel's
+//! time), and each tile prefetches the outputs and the rows of the next. A task is a block of
+//! up to 96 rows against a group of panels, taken 128 columns at a time and `k` in blocks of
+//! 128, so that a block of a panel (32 KiB) stays in L1 across the row tiles and their outputs
+//! in L2; a short batch (a single sequence) splits the panels into more groups, so that both
+//! cores get several tasks.
 //!
 //! The output tiles and each value's order of operations (one FMA chain over `k`, from the
 //! bias) depend only on the shapes, so the result is the same for any thread count. It differs
@@ -24,16 +25,20 @@ use candle_core::{DType, Tensor};
 
 use super::kernels::{with_f32, DstPtr};
 
-/// Rows of the micro-kernel.
-pub const MR: usize = 12;
-/// Output channels of a panel (two AVX-512 registers).
-pub const NR: usize = 32;
-/// `k` values per block (a block of a panel, 16 KiB, stays in L1 across the task's tiles).
+/// Output channels of a linear layer's panel (four AVX-512 registers): 6 × 64 micro-tiles.
+pub const NR: usize = 64;
+/// Rows of a micro-tile of `NV` registers wide (24 accumulators).
+pub const fn mr(nv: usize) -> usize {
+    24 / nv
+}
+/// Rows of the linear layers' micro-tile.
+pub const MR: usize = mr(NR / 16);
+/// `k` values per block (a block of a panel, 16–32 KiB, stays in L1 across the task's tiles).
 const KC: usize = 128;
-/// Micro-tiles of rows per task, at most (every panel block of the task serves them all).
-const TILES_PER_TASK: usize = 8;
-/// Panels a task runs through all of `k` before the next ones (their outputs stay in L2).
-const PANELS_PER_PASS: usize = 4;
+/// Rows per task, at most (every panel block of the task serves them all).
+const ROWS_PER_TASK: usize = 96;
+/// Output columns a task runs through all of `k` before the next ones (they stay in L2).
+const COLS_PER_PASS: usize = 128;
 
 /// Weights `[n, k]` packed in panels of [`NR`] output channels (`[k][NR]`, zero-padded), and
 /// the bias.
@@ -60,7 +65,7 @@ impl PackedLinear {
         );
         let np = n.div_ceil(NR);
         let mut panels = Vec::new();
-        pack_nk(w, k, n, k, &mut panels);
+        pack_nk::<{ NR / 16 }>(w, k, n, k, &mut panels);
         let mut b = vec![0f32; np * NR];
         if let Some(bias) = bias {
             assert_eq!(
@@ -158,7 +163,7 @@ impl PackedLinear {
         let tiles = m.div_ceil(MR);
         // Blocks of at most TILES_PER_TASK row tiles, of equal size; with few of them (a short
         // batch), the panels are split into groups too, so that every core has several tasks.
-        let row_blocks = tiles.div_ceil(TILES_PER_TASK);
+        let row_blocks = tiles.div_ceil(ROWS_PER_TASK / MR);
         let tiles_per_block = tiles.div_ceil(row_blocks);
         let row_blocks = tiles.div_ceil(tiles_per_block);
         let want = 4 * rayon::current_num_threads().max(1);
@@ -177,7 +182,7 @@ impl PackedLinear {
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
             // SAFETY: this task owns rows r0..r1, panels p0..p1 of `out`.
             unsafe {
-                block(
+                block::<{ NR / 16 }>(
                     x,
                     k,
                     r0..r1,
@@ -204,34 +209,48 @@ impl PackedLinear {
 
 /// Packs `b`, `n` rows of `k` values at row stride `ldb` (PyTorch's weight layout `[n, k]`,
 /// or keys `[tokens, d]`), into panels `[n/NR][k][NR]` (zero-padded), replacing `dst`.
-pub(crate) fn pack_nk(b: &[f32], ldb: usize, n: usize, k: usize, dst: &mut Vec<f32>) {
-    let np = n.div_ceil(NR);
+pub(crate) fn pack_nk<const NV: usize>(
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    k: usize,
+    dst: &mut Vec<f32>,
+) {
+    let nr = 16 * NV;
+    let np = n.div_ceil(nr);
     dst.clear();
-    dst.resize(np * k * NR, 0.0);
+    dst.resize(np * k * nr, 0.0);
     let fill = |(p, panel): (usize, &mut [f32])| {
-        for j in 0..NR.min(n - p * NR) {
-            for (kk, &v) in b[(p * NR + j) * ldb..][..k].iter().enumerate() {
-                panel[kk * NR + j] = v;
+        for j in 0..nr.min(n - p * nr) {
+            for (kk, &v) in b[(p * nr + j) * ldb..][..k].iter().enumerate() {
+                panel[kk * nr + j] = v;
             }
         }
     };
-    if np * k * NR >= 1 << 16 {
-        dst.par_chunks_mut(k * NR).enumerate().for_each(fill);
+    if np * k * nr >= 1 << 16 {
+        dst.par_chunks_mut(k * nr).enumerate().for_each(fill);
     } else {
-        dst.chunks_mut(k * NR).enumerate().for_each(fill);
+        dst.chunks_mut(k * nr).enumerate().for_each(fill);
     }
 }
 
 /// Packs `b`, `k` rows of `n` values at row stride `ldb` (`[k, n]`: values `[tokens, d]`),
-/// into panels `[n/NR][k][NR]` (zero-padded), replacing `dst`.
-pub(crate) fn pack_kn(b: &[f32], ldb: usize, k: usize, n: usize, dst: &mut Vec<f32>) {
-    let np = n.div_ceil(NR);
+/// into panels `[n/nr][k][nr]` (zero-padded), replacing `dst`.
+pub(crate) fn pack_kn<const NV: usize>(
+    b: &[f32],
+    ldb: usize,
+    k: usize,
+    n: usize,
+    dst: &mut Vec<f32>,
+) {
+    let nr = 16 * NV;
+    let np = n.div_ceil(nr);
     dst.clear();
-    dst.resize(np * k * NR, 0.0);
-    for (p, panel) in dst.chunks_mut(k * NR).enumerate() {
-        let cols = NR.min(n - p * NR);
-        for (kk, row) in panel.chunks_mut(NR).enumerate() {
-            row[..cols].copy_from_slice(&b[kk * ldb + p * NR..][..cols]);
+    dst.resize(np * k * nr, 0.0);
+    for (p, panel) in dst.chunks_mut(k * nr).enumerate() {
+        let cols = nr.min(n - p * nr);
+        for (kk, row) in panel.chunks_mut(nr).enumerate() {
+            row[..cols].copy_from_slice(&b[kk * ldb + p * nr..][..cols]);
         }
     }
 }
@@ -290,7 +309,7 @@ impl Epilogue<'_> {
 /// panels; `c` is valid for writes of `rows × (columns of ps)` at stride `ldc`, which no other
 /// thread touches meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block(
+pub(crate) unsafe fn block<const NV: usize>(
     a: &[f32],
     lda: usize,
     rows: std::ops::Range<usize>,
@@ -304,31 +323,35 @@ pub(crate) unsafe fn block(
     epilogue: Epilogue,
 ) {
     const ZERO: [f32; NR] = [0.0; NR];
+    let (nr, mr) = (16 * NV, mr(NV));
+    let ppp = (COLS_PER_PASS / nr).max(1);
     let (r0, r1) = (rows.start, rows.end);
     if r0 >= r1 || k == 0 {
         return;
     }
-    for q0 in ps.clone().step_by(PANELS_PER_PASS) {
+    for q0 in ps.clone().step_by(ppp) {
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            for p in q0..(q0 + PANELS_PER_PASS).min(ps.end) {
-                let panel = &panels[(p * k + k0) * NR..][..kc * NR];
-                let bias = bias.map_or(&ZERO[..], |b| &b[p * NR..(p + 1) * NR]);
-                let cols = NR.min(n - p * NR);
-                for i0 in (r0..r1).step_by(MR) {
-                    let mm = MR.min(r1 - i0);
+            for p in q0..(q0 + ppp).min(ps.end) {
+                let panel = &panels[(p * k + k0) * nr..][..kc * nr];
+                let bias = bias.map_or(&ZERO[..nr], |b| &b[p * nr..(p + 1) * nr]);
+                let cols = nr.min(n - p * nr);
+                for i0 in (r0..r1).step_by(mr) {
+                    let mm = mr.min(r1 - i0);
                     // The next tile's outputs, to prefetch: below, or the next panel's top.
-                    let next = if i0 + MR < r1 {
-                        (i0 + MR) * ldc + p * NR
+                    let next = if i0 + mr < r1 {
+                        (i0 + mr) * ldc + p * nr
                     } else {
-                        r0 * ldc + (p + 1) * NR
+                        r0 * ldc + (p + 1) * nr
                     };
                     let x = &a[i0 * lda + k0..(i0 + mm - 1) * lda + k0 + kc];
+                    // The next tile's rows, to prefetch (any address: prefetches do not fault).
+                    let next_rows = a.as_ptr().wrapping_add((i0 + mr) * lda + k0);
                     // SAFETY: the caller's contract; `x` holds mm rows of kc values at stride
-                    // lda, `panel` kc·NR values; the first block of `k` writes every output of
+                    // lda, `panel` kc·nr values; the first block of `k` writes every output of
                     // the tile before later blocks read it.
                     unsafe {
-                        imp::tile(
+                        imp::tile::<NV>(
                             x,
                             lda,
                             panel,
@@ -336,15 +359,16 @@ pub(crate) unsafe fn block(
                             kc,
                             mm,
                             cols,
-                            c.at(i0 * ldc + p * NR),
+                            c.at(i0 * ldc + p * nr),
                             ldc,
                             k0 == 0,
                             c.at(next),
+                            next_rows,
                         )
                     };
                     if k0 + kc == k {
                         // SAFETY: the tile's outputs, final and still in L1.
-                        unsafe { epilogue.apply(c, i0..i0 + mm, ldc, p * NR..p * NR + cols) };
+                        unsafe { epilogue.apply(c, i0..i0 + mm, ldc, p * nr..p * nr + cols) };
                     }
                 }
             }
@@ -385,18 +409,18 @@ pub fn available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
-    use super::{MR, NR};
     use std::arch::x86_64::*;
 
     /// One micro-tile: `c[r][j] = bias[j] + Σ_k a[r·lda + k] · b[k][j]` for `mm` rows and
-    /// `cols` columns, `c` with row stride `ldc`, starting from `c` itself unless `first`;
-    /// `next` (any address) is prefetched: the outputs of the tile that comes next.
+    /// `cols` columns of a panel `16·NV` wide, `c` with row stride `ldc`, starting from `c`
+    /// itself unless `first`; `next` and `next_rows` (any addresses) are prefetched: the
+    /// outputs and the rows of the tile that comes next.
     ///
     /// # Safety
-    /// AVX-512F present; `a` holds `(mm-1)·lda + k`, `b` `k·NR` and `bias` `NR` values; `c`
-    /// is valid for `mm` rows of `cols` values at stride `ldc`.
+    /// AVX-512F present; `a` holds `(mm-1)·lda + k`, `b` `k·16·NV` and `bias` `16·NV` values;
+    /// `c` is valid for `mm` rows of `cols` values at stride `ldc`.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
+    pub unsafe fn tile<const NV: usize>(
         a: &[f32],
         lda: usize,
         b: &[f32],
@@ -408,6 +432,7 @@ mod imp {
         ldc: usize,
         first: bool,
         next: *const f32,
+        next_rows: *const f32,
     ) {
         let t = Tile {
             a,
@@ -420,22 +445,23 @@ mod imp {
             ldc,
             first,
             next,
+            next_rows,
         };
         // SAFETY: forwarded from the caller.
         unsafe {
-            match mm {
-                12 => kernel::<12>(t),
-                11 => kernel::<11>(t),
-                10 => kernel::<10>(t),
-                9 => kernel::<9>(t),
-                8 => kernel::<8>(t),
-                7 => kernel::<7>(t),
-                6 => kernel::<6>(t),
-                5 => kernel::<5>(t),
-                4 => kernel::<4>(t),
-                3 => kernel::<3>(t),
-                2 => kernel::<2>(t),
-                _ => kernel::<1>(t),
+            match (NV, mm) {
+                (2, 12) => kernel::<12, NV>(t),
+                (2, 11) => kernel::<11, NV>(t),
+                (2, 10) => kernel::<10, NV>(t),
+                (2, 9) => kernel::<9, NV>(t),
+                (2, 8) => kernel::<8, NV>(t),
+                (2, 7) => kernel::<7, NV>(t),
+                (_, 6) => kernel::<6, NV>(t),
+                (_, 5) => kernel::<5, NV>(t),
+                (_, 4) => kernel::<4, NV>(t),
+                (_, 3) => kernel::<3, NV>(t),
+                (_, 2) => kernel::<2, NV>(t),
+                _ => kernel::<1, NV>(t),
             }
         }
     }
@@ -452,10 +478,21 @@ mod imp {
         ldc: usize,
         first: bool,
         next: *const f32,
+        next_rows: *const f32,
+    }
+
+    /// The mask of the columns `16·v..16·v+16` that exist, of `cols`.
+    fn mask(cols: usize, v: usize) -> __mmask16 {
+        let c = cols.saturating_sub(16 * v).min(16);
+        if c == 16 {
+            0xffff
+        } else {
+            (1u16 << c) - 1
+        }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel<const M: usize>(t: Tile) {
+    unsafe fn kernel<const M: usize, const NV: usize>(t: Tile) {
         let Tile {
             a,
             lda,
@@ -467,52 +504,51 @@ mod imp {
             ldc,
             first,
             next,
+            next_rows,
         } = t;
-        assert!(k > 0 && a.len() > (M - 1) * lda + k - 1 && b.len() >= k * NR && bias.len() >= NR);
+        let nr = 16 * NV;
+        assert!(k > 0 && a.len() > (M - 1) * lda + k - 1 && b.len() >= k * nr && bias.len() >= nr);
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
+        let masks: [__mmask16; NV] = std::array::from_fn(|v| mask(cols, v));
         // SAFETY: loads within the lengths asserted above; loads and stores of `c` within the
-        // caller's tile; prefetches do not fault.
+        // caller's tile (masked to its columns); prefetches do not fault.
         unsafe {
-            let b0 = _mm512_loadu_ps(bias.as_ptr());
-            let b1 = _mm512_loadu_ps(bias.as_ptr().add(16));
-            let mut acc = [[b0, b1]; M];
+            let init: [__m512; NV] =
+                std::array::from_fn(|v| _mm512_loadu_ps(bias.as_ptr().add(16 * v)));
+            let mut acc = [init; M];
             if !first {
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let src = c.add(r * ldc);
-                    acc[0] = _mm512_maskz_loadu_ps(m0, src);
-                    acc[1] = _mm512_maskz_loadu_ps(m1, src.add(16));
+                    for (v, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
+                    }
                 }
             }
             for kk in 0..k {
-                // The next tile's outputs, two lines a step: in L1 by the time it starts.
-                if kk < 2 * MR {
-                    let line = next.wrapping_add((kk / 2) * ldc + (kk % 2) * 16);
+                // The next tile's outputs, a line a step: in L1 by the time it starts.
+                if kk < M * NV {
+                    let line = next.wrapping_add((kk / NV) * ldc + (kk % NV) * 16);
                     _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
                 }
-                let w0 = _mm512_loadu_ps(bp.add(kk * NR));
-                let w1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
+                // And its rows, a line of each every 8 steps (a line holds 16).
+                if kk % 8 == 0 {
+                    for r in 0..M {
+                        let line = next_rows.wrapping_add(r * lda + kk + 16);
+                        _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                    }
+                }
+                let w: [__m512; NV] =
+                    std::array::from_fn(|v| _mm512_loadu_ps(bp.add(kk * nr + 16 * v)));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let x = _mm512_set1_ps(*ap.add(r * lda + kk));
-                    acc[0] = _mm512_fmadd_ps(x, w0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(x, w1, acc[1]);
+                    for (acc, w) in acc.iter_mut().zip(&w) {
+                        *acc = _mm512_fmadd_ps(x, *w, *acc);
+                    }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                let dst = c.add(r * ldc);
-                _mm512_mask_storeu_ps(dst, m0, acc[0]);
-                _mm512_mask_storeu_ps(dst.add(16), m1, acc[1]);
+                for (v, acc) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], *acc);
+                }
             }
         }
     }
@@ -521,7 +557,7 @@ mod imp {
 #[cfg(not(target_arch = "x86_64"))]
 mod imp {
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
+    pub unsafe fn tile<const NV: usize>(
         _: &[f32],
         _: usize,
         _: &[f32],
@@ -532,6 +568,7 @@ mod imp {
         _: *mut f32,
         _: usize,
         _: bool,
+        _: *const f32,
         _: *const f32,
     ) {
         unreachable!("PackedLinear::new returns None without AVX-512F")
