@@ -208,7 +208,8 @@ impl PackedLinear {
 }
 
 /// Packs `b`, `n` rows of `k` values at row stride `ldb` (PyTorch's weight layout `[n, k]`,
-/// or keys `[tokens, d]`), into panels `[n/NR][k][NR]` (zero-padded), replacing `dst`.
+/// or keys `[tokens, d]`), into panels of `16·NV` columns, `[k][16·NV]` each (zero-padded),
+/// replacing `dst`.
 pub(crate) fn pack_nk<const NV: usize>(
     b: &[f32],
     ldb: usize,
@@ -235,7 +236,7 @@ pub(crate) fn pack_nk<const NV: usize>(
 }
 
 /// Packs `b`, `k` rows of `n` values at row stride `ldb` (`[k, n]`: values `[tokens, d]`),
-/// into panels `[n/nr][k][nr]` (zero-padded), replacing `dst`.
+/// into panels of `16·NV` columns, `[k][16·NV]` each (zero-padded), replacing `dst`.
 pub(crate) fn pack_kn<const NV: usize>(
     b: &[f32],
     ldb: usize,
