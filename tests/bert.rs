@@ -57,7 +57,7 @@ fn minilm_embeddings_match_the_published_values_in_a_padded_batch() {
     }
     let norm: f32 = e[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
-    // In a batch large enough for the packed-weight linear kernel (≥ 384 token rows; used on
+    // In a batch of 48 sequences (rows in many tasks of the packed-weight kernel, used on
     // CPUs with AVX-512F), the values are the published ones too.
     let mut many = texts.to_vec();
     many.extend(std::iter::repeat_n(texts[2], 45));

@@ -358,19 +358,13 @@ impl Bert {
     }
 
     fn dense(&self, name: &str, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
-        let b = self.t(&format!("{name}.bias"), grad)?;
-        let wname = format!("{name}.weight");
-        crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
-            if let Some(p) = self.packed(&[name], x, grad)? {
-                return p.apply(x);
-            }
-            linear(x, &self.t(&wname, grad)?, &b)
-        })
+        self.dense_then(name, x, grad, false, None)
     }
 
-    /// `name`'s linear layer on `x`, then GELU if `gelu`, then `+ residual`. With f32 weights
-    /// packed for inference ([`Self::packed`]), both happen in the kernel's epilogue, on each
-    /// tile while it is in cache; otherwise they are separate ops. Same values either way.
+    /// `name`'s linear layer on `x` (int8 when quantized), then GELU if `gelu`, then
+    /// `+ residual`. With f32 weights packed for inference ([`Self::packed`]), both happen in
+    /// the kernel's epilogue, on each tile while it is in cache; otherwise they are separate
+    /// ops. Same values either way.
     fn dense_then(
         &self,
         name: &str,
@@ -379,14 +373,19 @@ impl Bert {
         gelu: bool,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        let b = self.t(&format!("{name}.bias"), grad)?;
         let wname = format!("{name}.weight");
-        if self.store.quantized(&wname).is_none() {
+        let mut fused = false;
+        let mut y = crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
             if let Some(p) = self.packed(&[name], x, grad)? {
-                self.store.observe(&wname, x)?;
+                fused = true;
                 return p.apply_with(x, gelu, residual);
             }
+            linear(x, &self.t(&wname, grad)?, &b)
+        })?;
+        if fused {
+            return Ok(y);
         }
-        let mut y = self.dense(name, x, grad)?;
         if gelu {
             y = super::act::gelu(&y)?;
         }

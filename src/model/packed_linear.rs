@@ -161,7 +161,7 @@ impl PackedLinear {
         }
         let panels = n.div_ceil(NR);
         let tiles = m.div_ceil(MR);
-        // Blocks of at most TILES_PER_TASK row tiles, of equal size; with few of them (a short
+        // Blocks of at most ROWS_PER_TASK rows, of equal size; with few of them (a short
         // batch), the panels are split into groups too, so that every core has several tasks.
         let row_blocks = tiles.div_ceil(ROWS_PER_TASK / MR);
         let tiles_per_block = tiles.div_ceil(row_blocks);
@@ -300,9 +300,10 @@ impl Epilogue<'_> {
 
 /// `c[i][j] = bias[j] + Σ_k a[i·lda + k] · B[k][j]` on this thread, for the rows `rows` of `a`
 /// and the panels `ps` of `panels` (packed as by [`pack_nk`], `n` columns, `k` deep); `c`
-/// has row stride `ldc`, `bias` (one value per padded column) is zeros when `None`. Panels go
-/// 4 at a time through `k` in blocks of 128, so that a block of a panel (16 KiB) stays in L1
-/// across the row tiles and their outputs in L2. Each output is one FMA chain over `k` from the
+/// has row stride `ldc`, `bias` (one value per padded column) is zeros when `None`, and
+/// `epilogue` runs on each tile once it is final. Panels go [`COLS_PER_PASS`] columns at a time
+/// through `k` in blocks of [`KC`], so that a block of a panel stays in L1 across the row tiles
+/// and their outputs in L2. Each output is one FMA chain over `k` from the
 /// bias, whatever the ranges: results do not depend on how a product is cut into blocks.
 ///
 /// # Safety
