@@ -7,7 +7,13 @@ use std::time::Instant;
 use wick::model::kernels::gemm_tiled;
 use wick::model::packed_linear::PackedLinear;
 
+// As the wick binary and the BERT examples: freed memory is reused, so outputs do not fault
+// in fresh pages on every call.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    wick::alloc::keep_freed_memory();
     let threads: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
