@@ -218,6 +218,23 @@ pub(crate) fn pack_nk<const NV: usize>(
     dst: &mut Vec<f32>,
 ) {
     let nr = 16 * NV;
+    #[cfg(target_arch = "x86_64")]
+    if available() && n > 0 && k > 0 && i32::try_from(15 * ldb).is_ok() {
+        let np = n.div_ceil(nr);
+        // Every value is written, padding included: no need to zero a buffer of the size.
+        if dst.len() != np * k * nr {
+            dst.clear();
+            dst.resize(np * k * nr, 0.0);
+        }
+        // SAFETY: AVX-512F is present; `b` holds n rows of k values at stride ldb, `dst`
+        // np·k·nr values.
+        return unsafe { imp::pack_nk(b, ldb, n, k, nr, dst) };
+    }
+    pack_nk_generic(b, ldb, n, k, nr, dst)
+}
+
+/// [`pack_nk`] one value at a time, for any CPU.
+fn pack_nk_generic(b: &[f32], ldb: usize, n: usize, k: usize, nr: usize, dst: &mut Vec<f32>) {
     let np = n.div_ceil(nr);
     dst.clear();
     dst.resize(np * k * nr, 0.0);
@@ -483,6 +500,47 @@ mod imp {
         next_rows: *const f32,
     }
 
+    /// [`super::pack_nk`] by gathers: each 16 values of a panel row (one `k` of 16 rows of
+    /// `b`) in one instruction, instead of 16 scattered stores; the panels' padding is zeroed.
+    ///
+    /// # Safety
+    /// AVX-512F present; `b` holds `n` rows of `k` values at stride `ldb`; `dst` holds
+    /// `n.div_ceil(nr)·k·nr` values, `nr` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_nk(b: &[f32], ldb: usize, n: usize, k: usize, nr: usize, dst: &mut [f32]) {
+        assert!(
+            n > 0 && k > 0 && b.len() >= (n - 1) * ldb + k && dst.len() >= n.div_ceil(nr) * k * nr
+        );
+        assert!(i32::try_from(15 * ldb).is_ok(), "pack_nk: row stride {ldb}");
+        assert_eq!(nr % 16, 0);
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(ldb as i32),
+        );
+        for j0 in (0..n.div_ceil(nr) * nr).step_by(16) {
+            let rows = n.saturating_sub(j0).min(16);
+            let m: __mmask16 = if rows == 16 { 0xffff } else { (1 << rows) - 1 };
+            let panel = &mut dst[(j0 / nr) * k * nr + j0 % nr..];
+            for kk in 0..k {
+                // SAFETY: lanes masked to the rows that exist; `kk < k`.
+                let v = if rows == 0 {
+                    _mm512_setzero_ps()
+                } else {
+                    unsafe {
+                        _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            m,
+                            idx,
+                            b.as_ptr().add(j0 * ldb + kk),
+                        )
+                    }
+                };
+                // SAFETY: 16 values at kk·nr of the panel (asserted length).
+                unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add(kk * nr), v) };
+            }
+        }
+    }
+
     /// The mask of the columns `16·v..16·v+16` that exist, of `cols`.
     fn mask(cols: usize, v: usize) -> __mmask16 {
         let c = cols.saturating_sub(16 * v).min(16);
@@ -655,5 +713,29 @@ mod tests {
         assert_eq!(p.forward_with(&x, m, Epilogue::Gelu), g);
         let sum: Vec<f32> = y.iter().zip(&res).map(|(y, r)| y + r).collect();
         assert_eq!(p.forward_with(&x, m, Epilogue::Add(&res)), sum);
+    }
+
+    #[test]
+    fn gathered_panels_equal_the_generic_packing() {
+        let mut r = crate::rng::Rng::new(5);
+        let b: Vec<f32> = (0..128 * 1152).map(|_| r.normal() as f32).collect();
+        for (n, k, ldb) in [
+            (45, 40, 1152),
+            (128, 32, 1152),
+            (1, 1, 1),
+            (17, 5, 5),
+            (64, 384, 384),
+        ] {
+            let (mut fast, mut slow) = (vec![7.0; 3], Vec::new());
+            // Twice: the second call reuses the buffer as it is.
+            for _ in 0..2 {
+                pack_nk::<2>(&b, ldb, n, k, &mut fast);
+                pack_nk_generic(&b, ldb, n, k, 32, &mut slow);
+                assert_eq!(fast, slow, "[{n}, {k}] at stride {ldb}, 32 wide");
+                pack_nk::<4>(&b, ldb, n, k, &mut fast);
+                pack_nk_generic(&b, ldb, n, k, 64, &mut slow);
+                assert_eq!(fast, slow, "[{n}, {k}] at stride {ldb}, 64 wide");
+            }
+        }
     }
 }
