@@ -366,6 +366,11 @@ pub(crate) unsafe fn block<const NV: usize>(
                     let x = &a[i0 * lda + k0..(i0 + mm - 1) * lda + k0 + kc];
                     // The next tile's rows, to prefetch (any address: prefetches do not fault).
                     let next_rows = a.as_ptr().wrapping_add((i0 + mr) * lda + k0);
+                    // And, in the last block of `k`, the residual that its epilogue will add.
+                    let next_residual = match epilogue {
+                        Epilogue::Add(r) if k0 + kc == k => r.as_ptr().wrapping_add(next),
+                        _ => std::ptr::null(),
+                    };
                     // SAFETY: the caller's contract; `x` holds mm rows of kc values at stride
                     // lda, `panel` kc·nr values; the first block of `k` writes every output of
                     // the tile before later blocks read it.
@@ -383,6 +388,7 @@ pub(crate) unsafe fn block<const NV: usize>(
                             k0 == 0,
                             c.at(next),
                             next_rows,
+                            next_residual,
                         )
                     };
                     if k0 + kc == k {
@@ -433,7 +439,8 @@ mod imp {
     /// One micro-tile: `c[r][j] = bias[j] + Σ_k a[r·lda + k] · b[k][j]` for `mm` rows and
     /// `cols` columns of a panel `16·NV` wide, `c` with row stride `ldc`, starting from `c`
     /// itself unless `first`; `next` and `next_rows` (any addresses) are prefetched: the
-    /// outputs and the rows of the tile that comes next.
+    /// outputs and the rows of the tile that comes next, and `next_residual` unless null (a
+    /// matrix laid out as `c`, which its epilogue reads).
     ///
     /// # Safety
     /// AVX-512F present; `a` holds `(mm-1)·lda + k`, `b` `k·16·NV` and `bias` `16·NV` values;
@@ -452,6 +459,7 @@ mod imp {
         first: bool,
         next: *const f32,
         next_rows: *const f32,
+        next_residual: *const f32,
     ) {
         let t = Tile {
             a,
@@ -465,6 +473,7 @@ mod imp {
             first,
             next,
             next_rows,
+            next_residual,
         };
         // SAFETY: forwarded from the caller.
         unsafe {
@@ -498,6 +507,7 @@ mod imp {
         first: bool,
         next: *const f32,
         next_rows: *const f32,
+        next_residual: *const f32,
     }
 
     /// [`super::pack_nk`] by gathers: each 16 values of a panel row (one `k` of 16 rows of
@@ -565,6 +575,7 @@ mod imp {
             first,
             next,
             next_rows,
+            next_residual,
         } = t;
         let nr = 16 * NV;
         assert!(k > 0 && a.len() > (M - 1) * lda + k - 1 && b.len() >= k * nr && bias.len() >= nr);
@@ -587,6 +598,12 @@ mod imp {
                 // The next tile's outputs, a line a step: in L1 by the time it starts.
                 if kk < M * NV {
                     let line = next.wrapping_add((kk / NV) * ldc + (kk % NV) * 16);
+                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                }
+                // Then the residual its epilogue adds, likewise.
+                if !next_residual.is_null() && (M * NV..2 * M * NV).contains(&kk) {
+                    let j = kk - M * NV;
+                    let line = next_residual.wrapping_add((j / NV) * ldc + (j % NV) * 16);
                     _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
                 }
                 // And its rows, a line of each every 8 steps (a line holds 16).
@@ -628,6 +645,7 @@ mod imp {
         _: *mut f32,
         _: usize,
         _: bool,
+        _: *const f32,
         _: *const f32,
         _: *const f32,
     ) {
