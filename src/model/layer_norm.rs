@@ -108,7 +108,14 @@ impl CustomOp3 for LayerNorm {
         let x = op_f32(sx, lx, "layer_norm", "the input")?;
         let w = op_f32(sw, lw, "layer_norm", "the weight")?;
         let b = op_f32(sb, lb, "layer_norm", "the bias")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out: Vec<f32> = Vec::with_capacity(x.len());
+        // SAFETY: every element is written below (rows of `h` cover `x.len()`, `width`
+        // checked that `h` divides it) before the tensor is read; zeroing first cost a pass
+        // over the output (a memset of 6 MB per layer norm at batch 32 × 128 tokens).
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            out.set_len(x.len())
+        };
         out.par_chunks_mut(h * ROWS)
             .zip(x.par_chunks(h * ROWS))
             .for_each(|(o, x)| {
