@@ -87,8 +87,10 @@ def torch_int8_cosine(sides):
 
 
 def wick_side(args):
-    cmd = ["cargo", "run", "--release", "--quiet", "--example", "bert_infer", "--",
-           "--threads", str(args.threads), "--tokens", str(args.tokens), "--iters", str(args.iters)]
+    # WICK_BERT_INFER: a prebuilt examples/bert_infer binary (on a machine without Rust).
+    prebuilt = os.environ.get("WICK_BERT_INFER")
+    cmd = [prebuilt] if prebuilt else ["cargo", "run", "--release", "--quiet", "--example", "bert_infer", "--"]
+    cmd += ["--threads", str(args.threads), "--tokens", str(args.tokens), "--iters", str(args.iters)]
     res = json.loads(subprocess.check_output(cmd, cwd=ROOT))
     return {f"wick {name}": {1: r["batch1_s"], 32: r["batch32_s"]} for name, r in res.items()}
 
