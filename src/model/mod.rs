@@ -436,7 +436,8 @@ pub fn load_bert(
         ))
     })?;
     let store = ParamStore::with_device(seed, device.clone());
-    let bert = Bert::new(
+    let weights = pretrained::read_weights(&files.weights, device)?;
+    Bert::pretrained(
         store,
         config,
         BertOptions {
@@ -445,10 +446,9 @@ pub fn load_bert(
             freeze,
             classifier_dropout: cfg.classifier_dropout,
         },
-    )?;
-    let weights = pretrained::read_weights(&files.weights, device)?;
-    bert.load_weights(&files.weights.display().to_string(), &weights)?;
-    Ok(bert)
+        &files.weights.display().to_string(),
+        &weights,
+    )
 }
 
 /// `[channels, height, width]` of a sample: `model.input_shape`, else the data's shape
