@@ -2,8 +2,8 @@
 //! built on it.
 //!
 //! - [`local`]: world 1, no communication (the default);
-//! - [`mpi`] (cargo feature `mpi`): CPU ranks on one or many machines, through OpenMPI;
-//! - [`nccl`] (cargo feature `nccl`): one GPU per rank;
+//! - `mpi` (cargo feature `mpi`): CPU ranks on one or many machines, through OpenMPI;
+//! - `nccl` (cargo feature `nccl`): one GPU per rank;
 //! - [`ddp`]: parameter broadcast, bucketed gradient all-reduce, metric reduction.
 //!
 //! Every rank runs the same trainer on its share of each global batch (see

@@ -3,7 +3,7 @@
 //!
 //! The im2col path ([`super::conv`]) writes the column matrix, and the `gemm` crate then packs
 //! it (and the weight) again before multiplying. Here neither copy exists: a micro-kernel
-//! computes [`MR`] output pixels × [`NR`] output channels at once, broadcasting each input
+//! computes `MR` output pixels × `NR` output channels at once, broadcasting each input
 //! value straight from the (zero-padded) NHWC input, with the weight repacked once per call
 //! into panels of `[K][NR]` (columns ordered `(ki, kj, channel)`). BatchNorm's evaluation-mode
 //! affine map and the ReLU are applied to the accumulators before they are stored, so a frozen

@@ -109,7 +109,7 @@ const COL_BLOCK: usize = 128;
 /// each given by a slice and its (row, column) strides, so transposes cost nothing.
 ///
 /// The result does not depend on the number of threads: the output is cut into blocks of
-/// [`ROW_BLOCK`] rows whatever the thread count, and threads only decide who computes which
+/// `ROW_BLOCK` rows whatever the thread count, and threads only decide who computes which
 /// block.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
@@ -237,8 +237,8 @@ impl DstPtr {
 /// `dst[i*dst_rs + j]` (`m×n`, row stride `dst_rs ≥ n`) `=` or `+=` `A·B`, with `A` (`m×k`) and
 /// `B` (`k×n`) given by slices and (row, column) strides.
 ///
-/// The output is cut into tiles whose shape depends only on `(m, n)`: blocks of [`ROW_BLOCK`]
-/// rows when there are many rows, else column blocks of [`COL_BLOCK`]. Threads only decide who
+/// The output is cut into tiles whose shape depends only on `(m, n)`: blocks of `ROW_BLOCK`
+/// rows when there are many rows, else column blocks of `COL_BLOCK`. Threads only decide who
 /// computes which tile, so the result is the same for any thread count. Convolutions use it:
 /// their products are either tall (`P×Cout`) or wide (`Cout×K`), and both kinds split evenly.
 #[allow(clippy::too_many_arguments)]

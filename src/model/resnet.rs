@@ -398,7 +398,7 @@ impl Model for ResNet {
         (self.cfg.freeze == Freeze::Backbone).then_some(self.features)
     }
 
-    /// Trains through [`super::resnet_train`] (no autograd graph) where it applies.
+    /// Trains through `model::resnet_train` (no autograd graph) where it applies.
     fn loss_and_grad(
         &self,
         batch: &crate::data::Batch,

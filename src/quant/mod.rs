@@ -10,7 +10,7 @@
 //! - embedding tables: int8 rows with a scale per row, dequantized when looked up.
 //!
 //! A model lists what can be quantized through [`crate::model::Model::quant_layers`];
-//! [`quantize`] quantizes those weights in the model's [`ParamStore`], after which the same
+//! [`quantize`] quantizes those weights in the model's [`ParamStore`](crate::model::ParamStore), after which the same
 //! model (the same [`crate::model::Model`] implementation) runs its int8 path. A layer the user
 //! skips, or whose int8 output differs from its f32 output by more than
 //! [`QuantConfig::max_error`] on calibration data (the sensitivity check), stays in f32.
@@ -342,7 +342,7 @@ pub fn skip_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// Quantizes `model` in place: its weights become int8 in its [`ParamStore`], and its forward
+/// Quantizes `model` in place: its weights become int8 in its [`ParamStore`](crate::model::ParamStore), and its forward
 /// pass (same trait, same object) runs the int8 kernels from then on. `calib` supplies
 /// calibration batches (needed in static mode; without it the sensitivity check compares
 /// weights only).
