@@ -374,7 +374,8 @@ pub fn gemm_f32_act(a: &QRows, b: &Packed, sw: &[f32], bias: Option<&[f32]>, act
                     dst,
                 );
                 if act == Act::Gelu {
-                    crate::model::vecmath::gelu_in_place(dst);
+                    // AVX2 at most: this runs between int8 tiles, a row at a time.
+                    crate::model::vecmath::gelu_in_place_generic(dst);
                 }
             }
         },
