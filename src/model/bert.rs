@@ -269,12 +269,12 @@ impl Bert {
         origin: &str,
         weights: &std::collections::BTreeMap<String, Tensor>,
     ) -> Result<Self> {
-        let weights = Self::checkpoint_names(weights);
-        let loads = Self::loads(options.pooling, &weights);
+        let names = Self::checkpoint_names(weights);
+        let loads = Self::loads(options.pooling, &names);
         let bert = Self::build(store, config, options, &|n| {
-            weights.contains_key(n) && loads(n)
+            names.contains_key(n) && loads(n)
         })?;
-        bert.store.load_map(origin, &weights, &|n| !loads(n))?;
+        bert.load_weights(origin, weights)?;
         Ok(bert)
     }
 

@@ -220,12 +220,8 @@ pub(crate) fn pack_nk<const NV: usize>(
     let nr = 16 * NV;
     #[cfg(target_arch = "x86_64")]
     if available() && n > 0 && k > 0 && i32::try_from(15 * ldb).is_ok() {
-        let np = n.div_ceil(nr);
-        // Every value is written, padding included: no need to zero a buffer of the size.
-        if dst.len() != np * k * nr {
-            dst.clear();
-            dst.resize(np * k * nr, 0.0);
-        }
+        // Every value is written, padding included: a buffer of the size is reused as it is.
+        dst.resize(n.div_ceil(nr) * k * nr, 0.0);
         // SAFETY: AVX-512F is present; `b` holds n rows of k values at stride ldb, `dst`
         // np·k·nr values.
         return unsafe { imp::pack_nk(b, ldb, n, k, nr, dst) };
