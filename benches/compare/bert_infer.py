@@ -132,6 +132,14 @@ def main():
     for name, r in rows:
         if name.startswith("wick"):
             print(f"{name} vs PyTorch f32: latency {base[1] / r[1]:.2f}x, throughput {base[32] / r[32]:.2f}x")
+    # The same ratios taken round by round (each wick run against the PyTorch run right after
+    # it), which the machine's drifting speed moves less than the ratio of the two medians.
+    for name in rounds:
+        if name.startswith("wick") and len(rounds[name]) == len(rounds["PyTorch f32"]) > 1:
+            per = {b: sorted(t[b] / w[b] for w, t in zip(rounds[name], rounds["PyTorch f32"])) for b in (1, 32)}
+            print(f"{name} vs PyTorch f32, round by round: latency {statistics.median(per[1]):.2f}x "
+                  f"({per[1][0]:.2f}-{per[1][-1]:.2f}), throughput {statistics.median(per[32]):.2f}x "
+                  f"({per[32][0]:.2f}-{per[32][-1]:.2f})")
     pairs = [("wick int8", "PyTorch int8 (dynamic)"), ("wick int8", "wick f32"),
              ("PyTorch int8 (dynamic)", "PyTorch f32")]
     for a, b in pairs:
