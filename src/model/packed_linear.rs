@@ -656,37 +656,14 @@ mod imp {
     unsafe fn kernel_6x4(t: Tile) {
         const M: usize = 6;
         const NV: usize = 4;
-        let Tile {
-            a,
-            lda,
-            b,
-            bias,
-            k,
-            cols,
-            c,
-            ldc,
-            first,
-            next,
-            next_rows,
-            next_residual,
-        } = t;
+        // SAFETY: forwarded from the caller.
+        let (mut acc, masks) = unsafe { start::<M, NV>(&t) };
+        let (a, lda, b, k, c, ldc) = (t.a, t.lda, t.b, t.k, t.c, t.ldc);
+        let (next, next_rows, next_residual) = (t.next, t.next_rows, t.next_residual);
         let nr = 16 * NV;
-        assert!(k > 0 && a.len() > (M - 1) * lda + k - 1 && b.len() >= k * nr && bias.len() >= nr);
-        let masks: [__mmask16; NV] = std::array::from_fn(|v| mask(cols, v));
-        // SAFETY: loads within the lengths asserted above (row r at a + r·lda, k values; the
-        // panel, k·nr values); loads and stores of `c` within the caller's tile (masked to its
-        // columns); prefetches do not fault.
+        // SAFETY: loads within the lengths that `start` asserted (row r at a + r·lda, k values;
+        // the panel, k·nr values); prefetches do not fault.
         unsafe {
-            let init: [__m512; NV] =
-                std::array::from_fn(|v| _mm512_loadu_ps(bias.as_ptr().add(16 * v)));
-            let mut acc = [init; M];
-            if !first {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    for (v, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
-                    }
-                }
-            }
             let (mut a0, mut a3, mut wp) = (a.as_ptr(), a.as_ptr().add(3 * lda), b.as_ptr());
             let prefetch = |base: *const f32, line: usize| {
                 let p = base.wrapping_add((line / NV) * ldc + (line % NV) * 16);
@@ -738,57 +715,21 @@ mod imp {
                 a3 = a3.add(8);
                 wp = wp.add(8 * nr);
             }
-            for kk in (k / 8) * 8..k {
-                let w: [__m512; NV] =
-                    std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(kk * nr + 16 * v)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*a.as_ptr().add(r * lda + kk));
-                    for (acc, w) in acc.iter_mut().zip(&w) {
-                        *acc = _mm512_fmadd_ps(x, *w, *acc);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                for (v, acc) in acc.iter().enumerate() {
-                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], *acc);
-                }
-            }
+            steps(&mut acc, a, lda, b, (k / 8) * 8..k);
+            finish(&acc, &masks, c, ldc);
         }
     }
 
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel<const M: usize, const NV: usize>(t: Tile) {
-        let Tile {
-            a,
-            lda,
-            b,
-            bias,
-            k,
-            cols,
-            c,
-            ldc,
-            first,
-            next,
-            next_rows,
-            next_residual,
-        } = t;
+        // SAFETY: forwarded from the caller.
+        let (mut acc, masks) = unsafe { start::<M, NV>(&t) };
+        let (a, lda, b, k, c, ldc) = (t.a, t.lda, t.b, t.k, t.c, t.ldc);
+        let (next, next_rows, next_residual) = (t.next, t.next_rows, t.next_residual);
         let nr = 16 * NV;
-        assert!(k > 0 && a.len() > (M - 1) * lda + k - 1 && b.len() >= k * nr && bias.len() >= nr);
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let masks: [__mmask16; NV] = std::array::from_fn(|v| mask(cols, v));
-        // SAFETY: loads within the lengths asserted above; loads and stores of `c` within the
-        // caller's tile (masked to its columns); prefetches do not fault.
+        // SAFETY: loads within the lengths that `start` asserted; prefetches do not fault.
         unsafe {
-            let init: [__m512; NV] =
-                std::array::from_fn(|v| _mm512_loadu_ps(bias.as_ptr().add(16 * v)));
-            let mut acc = [init; M];
-            if !first {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    for (v, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
-                    }
-                }
-            }
             for kk in 0..k {
                 // The next tile's outputs, a line a step: in L1 by the time it starts.
                 if kk < M * NV {
@@ -817,10 +758,90 @@ mod imp {
                     }
                 }
             }
-            for (r, acc) in acc.iter().enumerate() {
-                for (v, acc) in acc.iter().enumerate() {
-                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], *acc);
+            finish(&acc, &masks, c, ldc);
+        }
+    }
+
+    /// A tile's accumulators at the start, from the bias or (unless `first`) from the partial
+    /// sums in `c`, and the masks of its columns. Asserts the lengths that the kernels' loads
+    /// rely on.
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn start<const M: usize, const NV: usize>(
+        t: &Tile,
+    ) -> ([[__m512; NV]; M], [__mmask16; NV]) {
+        let nr = 16 * NV;
+        assert!(
+            t.k > 0
+                && t.a.len() > (M - 1) * t.lda + t.k - 1
+                && t.b.len() >= t.k * nr
+                && t.bias.len() >= nr
+        );
+        let masks: [__mmask16; NV] = std::array::from_fn(|v| mask(t.cols, v));
+        // SAFETY: `bias` holds nr values (asserted); loads of `c` within the caller's tile,
+        // masked to its columns.
+        unsafe {
+            let init: [__m512; NV] =
+                std::array::from_fn(|v| _mm512_loadu_ps(t.bias.as_ptr().add(16 * v)));
+            let mut acc = [init; M];
+            if !t.first {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    for (v, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_maskz_loadu_ps(masks[v], t.c.add(r * t.ldc + 16 * v));
+                    }
                 }
+            }
+            (acc, masks)
+        }
+    }
+
+    /// The steps `ks` of `k`, with no prefetches.
+    ///
+    /// # Safety
+    /// Row r of `a` (at `r·lda`) and the panel `b` (`16·NV` values per step) hold the steps.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn steps<const M: usize, const NV: usize>(
+        acc: &mut [[__m512; NV]; M],
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ks: std::ops::Range<usize>,
+    ) {
+        for kk in ks {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let w: [__m512; NV] =
+                    std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(kk * 16 * NV + 16 * v)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.as_ptr().add(r * lda + kk));
+                    for (acc, w) in acc.iter_mut().zip(&w) {
+                        *acc = _mm512_fmadd_ps(x, *w, *acc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the accumulators into the tile's columns.
+    ///
+    /// # Safety
+    /// `c` is valid for `M` rows of the masked columns at stride `ldc`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish<const M: usize, const NV: usize>(
+        acc: &[[__m512; NV]; M],
+        masks: &[__mmask16; NV],
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], *acc) };
             }
         }
     }
