@@ -8,8 +8,8 @@
 //! accumulators that start from the bias, four panel loads and six broadcasts per `k`, 24
 //! FMAs (attention's products use the same kernel 12 rows × 32 columns wide, [`mr`]). Full
 //! 6 × 64 tiles run their steps of `k` in inline assembly, eight at a time, with the
-//! prefetches' bookkeeping once per eight steps: 13–17% faster than the compiler's loop of the
-//! same FMAs, in the same order (so the same bits). The rows
+//! prefetches' bookkeeping once per eight steps: 3–28% faster than the compiler's loop of the
+//! same FMAs (the most when the machine is busy), in the same order, so the same bits. The rows
 //! are read where they are (row streams at stride `k`; packing them cost 10% of the kernel's
 //! time), and each tile prefetches the outputs and the rows of the next. A task is a block of
 //! up to 96 rows against a group of panels, taken 128 columns at a time and `k` in blocks of
@@ -175,21 +175,11 @@ impl PackedLinear {
         } else {
             want.div_ceil(row_blocks).min(panels)
         };
-        let forced = FORCE_GROUPS.load(std::sync::atomic::Ordering::Relaxed);
-        let groups = if forced > 0 {
-            forced.min(panels)
-        } else {
-            groups
-        };
         let group = panels.div_ceil(groups);
         let groups = panels.div_ceil(group);
         let dst = DstPtr(out.as_mut_ptr());
         let task = |t: usize| {
-            let (rb, g) = if forced > 0 {
-                (t % row_blocks, t / row_blocks)
-            } else {
-                (t / groups, t % groups)
-            };
+            let (rb, g) = (t / groups, t % groups);
             let r0 = rb * tiles_per_block * MR;
             let r1 = (r0 + tiles_per_block * MR).min(m);
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
@@ -415,9 +405,6 @@ pub(crate) unsafe fn block<const NV: usize>(
 pub fn worth_it(m: usize) -> bool {
     m >= 4 * MR
 }
-
-#[doc(hidden)]
-pub static FORCE_GROUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Whether full 6 × 64 tiles run their steps of `k` in assembly (`imp::kernel_6x4`).
 static ASSEMBLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -671,7 +658,9 @@ mod imp {
             };
             for g in 0..k / 8 {
                 // The next tile's outputs (24 lines, over the first three groups), then the
-                // residual its epilogue adds (the next three), and its rows.
+                // residual its epilogue adds (the next three), and its rows: the line of each
+                // row at this group's steps, so that every line of the block, the first
+                // included, is in cache when the next tile starts.
                 if g < 3 {
                     for line in 8 * g..8 * g + 8 {
                         prefetch(next, line);
@@ -682,7 +671,7 @@ mod imp {
                     }
                 }
                 for r in 0..M {
-                    let line = next_rows.wrapping_add(r * lda + 8 * g + 16);
+                    let line = next_rows.wrapping_add(r * lda + 8 * g);
                     _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
                 }
                 let [[c00, c01, c02, c03], [c10, c11, c12, c13], [c20, c21, c22, c23], [c30, c31, c32, c33], [c40, c41, c42, c43], [c50, c51, c52, c53]] =
