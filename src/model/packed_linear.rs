@@ -573,57 +573,29 @@ mod imp {
         }
     }
 
-    /// One step of `k` of the 6 × 64 tile, for [`kernel_6x4`]'s assembly: the panel row `$j`
-    /// of the group (four loads), then each row's value broadcast and multiplied into its four
-    /// accumulators.
+    /// [`kernel_6x4`]'s assembly for row `$r` at step `$j` of a group: its value broadcast
+    /// from `$base`, then multiplied into its four accumulators.
+    #[rustfmt::skip]
     macro_rules! row {
         ($x:literal, $r:literal, $base:literal, $j:literal) => {
             concat!(
-                "vbroadcastss {",
-                $x,
-                "}, [",
-                $base,
-                " + 4*",
-                $j,
-                "]\n",
-                "vfmadd231ps {c",
-                $r,
-                "0}, {w0}, {",
-                $x,
-                "}\n",
-                "vfmadd231ps {c",
-                $r,
-                "1}, {w1}, {",
-                $x,
-                "}\n",
-                "vfmadd231ps {c",
-                $r,
-                "2}, {w2}, {",
-                $x,
-                "}\n",
-                "vfmadd231ps {c",
-                $r,
-                "3}, {w3}, {",
-                $x,
-                "}\n",
+                "vbroadcastss {", $x, "}, [", $base, " + 4*", $j, "]\n",
+                "vfmadd231ps {c", $r, "0}, {w0}, {", $x, "}\n",
+                "vfmadd231ps {c", $r, "1}, {w1}, {", $x, "}\n",
+                "vfmadd231ps {c", $r, "2}, {w2}, {", $x, "}\n",
+                "vfmadd231ps {c", $r, "3}, {w3}, {", $x, "}\n",
             )
         };
     }
+    /// Step `$j` of a group of eight: the panel's four vectors, then the six rows.
+    #[rustfmt::skip]
     macro_rules! step {
         ($j:literal) => {
             concat!(
-                "vmovups {w0}, [{w} + 256*",
-                $j,
-                "]\n",
-                "vmovups {w1}, [{w} + 256*",
-                $j,
-                " + 64]\n",
-                "vmovups {w2}, [{w} + 256*",
-                $j,
-                " + 128]\n",
-                "vmovups {w3}, [{w} + 256*",
-                $j,
-                " + 192]\n",
+                "vmovups {w0}, [{w} + 256*", $j, "]\n",
+                "vmovups {w1}, [{w} + 256*", $j, " + 64]\n",
+                "vmovups {w2}, [{w} + 256*", $j, " + 128]\n",
+                "vmovups {w3}, [{w} + 256*", $j, " + 192]\n",
                 row!("x0", "0", "{a0}", $j),
                 row!("x1", "1", "{a0} + {l}", $j),
                 row!("x0", "2", "{a0} + 2*{l}", $j),
