@@ -624,10 +624,6 @@ mod imp {
         // the panel, k·nr values); prefetches do not fault.
         unsafe {
             let (mut a0, mut a3, mut wp) = (a.as_ptr(), a.as_ptr().add(3 * lda), b.as_ptr());
-            let prefetch = |base: *const f32, line: usize| {
-                let p = base.wrapping_add((line / NV) * ldc + (line % NV) * 16);
-                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-            };
             for g in 0..k / 8 {
                 // The next tile's outputs (24 lines, over the first three groups), then the
                 // residual its epilogue adds (the next three), and its rows: the line of each
@@ -635,11 +631,11 @@ mod imp {
                 // included, is in cache when the next tile starts.
                 if g < 3 {
                     for line in 8 * g..8 * g + 8 {
-                        prefetch(next, line);
+                        prefetch_line::<NV>(next, line, ldc);
                     }
                 } else if g < 6 && !next_residual.is_null() {
                     for line in 8 * (g - 3)..8 * (g - 3) + 8 {
-                        prefetch(next_residual, line);
+                        prefetch_line::<NV>(next_residual, line, ldc);
                     }
                 }
                 for r in 0..M {
@@ -694,14 +690,11 @@ mod imp {
             for kk in 0..k {
                 // The next tile's outputs, a line a step: in L1 by the time it starts.
                 if kk < M * NV {
-                    let line = next.wrapping_add((kk / NV) * ldc + (kk % NV) * 16);
-                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                    prefetch_line::<NV>(next, kk, ldc);
                 }
                 // Then the residual its epilogue adds, likewise.
                 if !next_residual.is_null() && (M * NV..2 * M * NV).contains(&kk) {
-                    let j = kk - M * NV;
-                    let line = next_residual.wrapping_add((j / NV) * ldc + (j % NV) * 16);
-                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                    prefetch_line::<NV>(next_residual, kk - M * NV, ldc);
                 }
                 // And its rows, a line of each every 8 steps (a line holds 16).
                 if kk % 8 == 0 {
@@ -721,6 +714,15 @@ mod imp {
             }
             finish(&acc, &masks, c, ldc);
         }
+    }
+
+    /// Prefetches line `line` of a tile laid out as the outputs (`NV` lines a row, rows
+    /// `ldc` apart) from `base`; any address, since prefetches do not fault.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch_line<const NV: usize>(base: *const f32, line: usize, ldc: usize) {
+        let p = base.wrapping_add((line / NV) * ldc + (line % NV) * 16);
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
     }
 
     /// A tile's accumulators at the start, from the bias or (unless `first`) from the partial
