@@ -219,3 +219,59 @@ fn skip_patterns_match_names_prefixes_and_wildcards() {
     ));
     assert!(!skip_matches("*.pooler.*", "classifier.weight"));
 }
+
+#[test]
+fn fused_int8_layers_give_the_bits_of_their_separate_steps() {
+    let mut r = Rng::new(17);
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    // (rows, in, hidden, out): few rows (a task holds only some of a row's columns), then
+    // enough rows for whole-row tasks, odd widths, partial tiles and MiniLM's widths.
+    for (m, k, hid, n) in [
+        (5, 7, 33, 9),
+        (70, 31, 50, 17),
+        (200, 70, 100, 37),
+        (130, 384, 1536, 384),
+    ] {
+        for fixed in [None, Some(0.05f32)] {
+            let x = t(f32s(&mut r, m * k), &[m, k]);
+            let res = t(f32s(&mut r, m * n), &[m, n]);
+            let (b1, b2) = (t(f32s(&mut r, hid), &[hid]), t(f32s(&mut r, n), &[n]));
+            let mut q1 =
+                QTensor::quantize("w1", LayerKind::Linear, &f32s(&mut r, hid * k), &[hid, k]);
+            let mut q2 =
+                QTensor::quantize("w2", LayerKind::Linear, &f32s(&mut r, n * hid), &[n, hid]);
+            q1.act_scale = fixed;
+            q2.act_scale = fixed.map(|s| 3.0 * s);
+            let gelu = wick::quant::Act::Gelu;
+            let h = wick::quant::linear_act(&x, &q1, Some(&b1), gelu).unwrap();
+            let want = (wick::quant::linear(&h, &q2, Some(&b2)).unwrap() + &res).unwrap();
+            let got =
+                wick::quant::mlp(&x, &q1, Some(&b1), gelu, &q2, Some(&b2), Some(&res)).unwrap();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "mlp at {m}×{k}→{hid}→{n}, {fixed:?}"
+            );
+            let want = (wick::quant::linear(&h, &q2, None).unwrap() + &res).unwrap();
+            let got = wick::quant::linear_fused(&h, &q2, None, wick::quant::Act::None, Some(&res))
+                .unwrap();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "residual at {m}×{hid}→{n}, {fixed:?}"
+            );
+        }
+    }
+    // A residual of another shape is an error, not a panic.
+    let q = QTensor::quantize("w", LayerKind::Linear, &f32s(&mut r, 6), &[2, 3]);
+    let x = t(f32s(&mut r, 12), &[4, 3]);
+    let bad = t(f32s(&mut r, 12), &[4, 3]);
+    let e = wick::quant::linear_fused(&x, &q, None, wick::quant::Act::None, Some(&bad))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("residual [4, 3] for an output [4, 2]"), "{e}");
+}

@@ -22,6 +22,7 @@ use super::layer_norm::layer_norm;
 use super::linear::linear;
 use super::packed_linear::PackedLinear;
 use super::{Model, ModelCtx, ParamStore};
+use crate::quant::Act;
 use crate::{Error, Result};
 
 /// The fields of a Hugging Face `config.json` that a BERT encoder needs.
@@ -429,6 +430,10 @@ impl Bert {
     ) -> candle_core::Result<Tensor> {
         let b = self.t(&format!("{name}.bias"), grad)?;
         let wname = format!("{name}.weight");
+        if let Some(q) = self.store.quantized(&wname) {
+            let act = if gelu { Act::Gelu } else { Act::None };
+            return crate::quant::linear_fused(x, &q, Some(&b), act, residual);
+        }
         let mut fused = false;
         let mut y = crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
             if let Some(p) = self.packed(&[name], x, grad)? {
@@ -632,6 +637,20 @@ impl Bert {
             let a = self.dense_dropout_add(&out, &a, &x, g, p_hidden, ctx)?;
             x = self.norm(&format!("{p}.attention.output.LayerNorm"), &a, g)?;
             let inter = format!("{p}.intermediate.dense");
+            let output = format!("{p}.output.dense");
+            if let (Some(q1), Some(q2), "gelu", 0.0) = (
+                self.store.quantized(&format!("{inter}.weight")),
+                self.store.quantized(&format!("{output}.weight")),
+                c.hidden_act.as_str(),
+                p_hidden,
+            ) {
+                // int8: both products in one op, the hidden layer never in f32 memory.
+                let b1 = self.t(&format!("{inter}.bias"), g)?;
+                let b2 = self.t(&format!("{output}.bias"), g)?;
+                let o = crate::quant::mlp(&x, &q1, Some(&b1), Act::Gelu, &q2, Some(&b2), Some(&x))?;
+                x = self.norm(&format!("{p}.output.LayerNorm"), &o, g)?;
+                continue;
+            }
             let i = match (
                 self.store.quantized(&format!("{inter}.weight")),
                 c.hidden_act.as_str(),
@@ -639,7 +658,7 @@ impl Bert {
                 // int8: GELU in the GEMM's epilogue.
                 (Some(q), "gelu") => {
                     let b = self.t(&format!("{inter}.bias"), g)?;
-                    crate::quant::linear_act(&x, &q, Some(&b), crate::quant::Act::Gelu)?
+                    crate::quant::linear_act(&x, &q, Some(&b), Act::Gelu)?
                 }
                 (_, "gelu") => self.dense_then(&inter, &x, g, true, None)?,
                 _ => {
@@ -650,8 +669,7 @@ impl Bert {
                     }
                 }
             };
-            let o =
-                self.dense_dropout_add(&format!("{p}.output.dense"), &i, &x, g, p_hidden, ctx)?;
+            let o = self.dense_dropout_add(&output, &i, &x, g, p_hidden, ctx)?;
             x = self.norm(&format!("{p}.output.LayerNorm"), &o, g)?;
         }
         Ok(x)

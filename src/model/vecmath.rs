@@ -211,10 +211,16 @@ dispatch!(gelu_generic(x: &[f32], out: &mut [f32]) {
 // epilogue, a row of 16 outputs at a time): there short bursts of AVX-512 arithmetic made GELU
 // 2.3 times slower in the int8 profile than this loop.
 dispatch!(pub(crate) gelu_in_place_generic(xs: &mut [f32]) {
+    gelu_slice(xs)
+});
+
+/// [`gelu`] in place, for loops inside other vectorised functions (inlined into them).
+#[inline(always)]
+pub(crate) fn gelu_slice(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         *x = 0.5 * *x * (1.0 + erf(*x * FRAC_1_SQRT_2));
     }
-});
+}
 
 dispatch!(pub gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     for ((g, &x), &d) in dx.iter_mut().zip(x).zip(dy) {

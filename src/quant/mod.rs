@@ -22,7 +22,7 @@ mod ops;
 
 pub use file::{file_shapes, load, save, QuantMeta, MODEL_FILE, REPORT_FILE};
 pub use gemm::Act;
-pub use ops::{conv2d, embedding, linear, linear_act, linear_or};
+pub use ops::{conv2d, embedding, linear, linear_act, linear_fused, linear_or, mlp, set_fused};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};

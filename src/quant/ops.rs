@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::gemm::{gemm_f32, gemm_f32_act, quantize_rows, Act, QRows};
+use super::gemm::{gemm_f32, gemm_f32_fused, gemm_requantize, quantize_rows, Act, QRows};
 use super::{rel_error, LayerKind, QTensor};
 use crate::model::conv::{affine_in_place, conv2d_forward, im2col_i16, ConvSpec};
 use crate::model::kernels::with_f32;
@@ -42,6 +42,124 @@ pub fn linear_act(
     bias: Option<&Tensor>,
     act: Act,
 ) -> candle_core::Result<Tensor> {
+    linear_fused(x, q, bias, act, None)
+}
+
+/// `act(x·Wᵀ + b) + residual` with int8 weights `q`, the activation and the skip connection
+/// in the GEMM's epilogue (`residual` has the output's shape).
+pub fn linear_fused(
+    x: &Tensor,
+    q: &QTensor,
+    bias: Option<&Tensor>,
+    act: Act,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (k, shape) = out_shape(x, q)?;
+    if let Some(r) = residual {
+        if r.dims() != shape.as_slice() {
+            candle_core::bail!(
+                "int8 linear `{}`: residual {:?} for an output {shape:?}",
+                q.name,
+                r.dims()
+            );
+        }
+    }
+    if !x.device().is_cpu() {
+        let y = dequantized(x, q, bias, act)?;
+        return match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+    }
+    if let (false, Some(r)) = (fused(), residual) {
+        return linear_fused(x, q, bias, act, None)? + r;
+    }
+    let x = x.contiguous()?;
+    let m = x.elem_count() / k.max(1);
+    let b = bias.map(f32_vec).transpose()?;
+    let y = on_f32_with(&x, residual, |xs, r| {
+        let a = quantize_rows(xs, m, k, q.act_scale);
+        let y = gemm_f32_fused(&a, q.packed(), &q.scale, b.as_deref(), act, r);
+        a.recycle();
+        y
+    })?;
+    Tensor::from_vec(y, shape, x.device())
+}
+
+static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether [`linear_fused`] and [`mlp`] fuse their residual and hidden layer (the default);
+/// `false` runs them as separate steps, with the same values (for A/B timings).
+#[doc(hidden)]
+pub fn set_fused(on: bool) {
+    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn fused() -> bool {
+    FUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Two int8 linear layers, `act(x·W1ᵀ + b1)·W2ᵀ + b2 (+ residual)` (a transformer's
+/// feed-forward block): the hidden layer goes from the first product's epilogue straight to
+/// the second's int8 input, a block of rows at a time, and is never written out in f32. The
+/// same values as [`linear_act`] then [`linear_fused`].
+#[allow(clippy::too_many_arguments)]
+pub fn mlp(
+    x: &Tensor,
+    q1: &QTensor,
+    b1: Option<&Tensor>,
+    act: Act,
+    q2: &QTensor,
+    b2: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (k, hidden) = out_shape(x, q1)?;
+    if q2.kind != LayerKind::Linear || q2.cols() != q1.rows() {
+        candle_core::bail!(
+            "int8 mlp: `{}` gives {} values, `{}` takes {:?}",
+            q1.name,
+            q1.rows(),
+            q2.name,
+            q2.shape
+        );
+    }
+    if !x.device().is_cpu() {
+        let h = dequantized(x, q1, b1, act)?;
+        return linear_fused(&h.reshape(hidden)?, q2, b2, Act::None, residual);
+    }
+    let mut shape = hidden.clone();
+    *shape.last_mut().expect("rank ≥ 1") = q2.rows();
+    if let Some(r) = residual {
+        if r.dims() != shape.as_slice() {
+            candle_core::bail!(
+                "int8 mlp `{}`: residual {:?} for an output {shape:?}",
+                q2.name,
+                r.dims()
+            );
+        }
+    }
+    if !fused() {
+        let h = linear_act(x, q1, b1, act)?;
+        return linear_fused(&h, q2, b2, Act::None, residual);
+    }
+    let x = x.contiguous()?;
+    let m = x.elem_count() / k.max(1);
+    let b1 = b1.map(f32_vec).transpose()?;
+    let b2 = b2.map(f32_vec).transpose()?;
+    let y = on_f32_with(&x, residual, |xs, r| {
+        let a = quantize_rows(xs, m, k, q1.act_scale);
+        let h = gemm_requantize(&a, q1.packed(), &q1.scale, b1.as_deref(), act, q2.act_scale);
+        a.recycle();
+        let y = gemm_f32_fused(&h, q2.packed(), &q2.scale, b2.as_deref(), Act::None, r);
+        h.recycle();
+        y
+    })?;
+    Tensor::from_vec(y, shape, x.device())
+}
+
+/// The input width of linear layer `q` and its output's shape for input `x`, or an error
+/// when `x`'s last dimension is not the layer's width.
+fn out_shape(x: &Tensor, q: &QTensor) -> candle_core::Result<(usize, Vec<usize>)> {
     let k = *x.dims().last().unwrap_or(&1);
     if q.kind != LayerKind::Linear || q.cols() != k {
         candle_core::bail!(
@@ -52,28 +170,26 @@ pub fn linear_act(
     }
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank ≥ 1") = q.rows();
-    if !x.device().is_cpu() {
-        let w = Tensor::from_vec(q.dequantize(), (q.rows(), k), x.device())?;
-        let y = x.broadcast_matmul(&w.t()?)?;
-        let y = match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        return match act {
-            Act::Gelu => crate::model::act::gelu(&y),
-            Act::None => Ok(y),
-        };
+    Ok((k, shape))
+}
+
+/// The layer on a device other than the CPU: the same function from the dequantized weights.
+fn dequantized(
+    x: &Tensor,
+    q: &QTensor,
+    bias: Option<&Tensor>,
+    act: Act,
+) -> candle_core::Result<Tensor> {
+    let w = Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), x.device())?;
+    let y = x.broadcast_matmul(&w.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    match act {
+        Act::Gelu => crate::model::act::gelu(&y),
+        Act::None => Ok(y),
     }
-    let x = x.contiguous()?;
-    let m = x.elem_count() / k.max(1);
-    let b = bias.map(f32_vec).transpose()?;
-    let y = on_f32(&x, |xs| {
-        let a = quantize_rows(xs, m, k, q.act_scale);
-        let y = gemm_f32_act(&a, q.packed(), &q.scale, b.as_deref(), act);
-        a.recycle();
-        y
-    })?;
-    Tensor::from_vec(y, shape, x.device())
 }
 
 /// `f` on the values of `x` (contiguous): in place when they are f32 on the CPU, else on a
@@ -82,6 +198,26 @@ fn on_f32<R>(x: &Tensor, f: impl Fn(&[f32]) -> R) -> candle_core::Result<R> {
     match with_f32(x, &f) {
         Some(r) => Ok(r),
         None => Ok(f(&f32_vec(x)?)),
+    }
+}
+
+/// `f` on the values of `x` (contiguous) and of `other` (any layout), each borrowed when it
+/// is f32 on the CPU, else a converted copy.
+fn on_f32_with<R>(
+    x: &Tensor,
+    other: Option<&Tensor>,
+    f: impl Fn(&[f32], Option<&[f32]>) -> R,
+) -> candle_core::Result<R> {
+    let Some(o) = other else {
+        return on_f32(x, |xs| f(xs, None));
+    };
+    let o = o.contiguous()?;
+    match with_f32(&o, |os| on_f32(x, |xs| f(xs, Some(os)))) {
+        Some(r) => r,
+        None => {
+            let os = f32_vec(&o)?;
+            on_f32(x, |xs| f(xs, Some(&os)))
+        }
     }
 }
 
