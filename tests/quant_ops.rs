@@ -266,6 +266,47 @@ fn fused_int8_layers_give_the_bits_of_their_separate_steps() {
             );
         }
     }
+    // The residual, a layer norm and the next layer's int8 rows in the product's pass.
+    for (m, k, n, next_n) in [(5, 7, 9, 4), (200, 70, 37, 20), (130, 384, 384, 1152)] {
+        for fixed in [None, Some(0.02f32)] {
+            let x = t(f32s(&mut r, m * k), &[m, k]);
+            let res = t(f32s(&mut r, m * n), &[m, n]);
+            let b = t(f32s(&mut r, n), &[n]);
+            let (w_ln, b_ln) = (t(f32s(&mut r, n), &[n]), t(f32s(&mut r, n), &[n]));
+            let q = QTensor::quantize("w", LayerKind::Linear, &f32s(&mut r, n * k), &[n, k]);
+            let mut next = QTensor::quantize(
+                "next",
+                LayerKind::Linear,
+                &f32s(&mut r, next_n * n),
+                &[next_n, n],
+            );
+            next.act_scale = fixed;
+            let y = (wick::quant::linear(&x, &q, Some(&b)).unwrap() + &res).unwrap();
+            let want = wick::model::layer_norm::layer_norm(&y, &w_ln, &b_ln, 1e-12).unwrap();
+            let want_next = wick::quant::linear(&want, &next, None).unwrap();
+            let after = wick::quant::After {
+                residual: Some(&res),
+                norm: Some((&w_ln, &b_ln, 1e-12)),
+                quantize_for: Some(&next),
+                ..Default::default()
+            };
+            let (got, rows) = wick::quant::linear_with(&x, None, &q, Some(&b), after).unwrap();
+            assert_eq!(bits(&got), bits(&want), "norm at {m}×{k}→{n}, {fixed:?}");
+            let rows = rows.expect("int8 rows for the next layer");
+            let v: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let direct = gemm::quantize_rows(&v, m, n, fixed);
+            assert_eq!((&rows.q, &rows.scale), (&direct.q, &direct.scale));
+            let none = wick::quant::After::default();
+            let got_next = wick::quant::linear_with(&got, Some(rows), &next, None, none)
+                .unwrap()
+                .0;
+            assert_eq!(
+                bits(&got_next),
+                bits(&want_next),
+                "next at {m}×{n}→{next_n}"
+            );
+        }
+    }
     // A residual of another shape is an error, not a panic.
     let q = QTensor::quantize("w", LayerKind::Linear, &f32s(&mut r, 6), &[2, 3]);
     let x = t(f32s(&mut r, 12), &[4, 3]);

@@ -516,31 +516,47 @@ impl Bert {
         }
     }
 
-    /// Query, key and value of layer prefix `p` in one product `[.., 3H]`.
-    fn qkv(&self, p: &str, x: &Tensor, g: bool) -> candle_core::Result<Tensor> {
+    /// Layer prefix `p`'s query, key and value weights stacked in one int8 tensor (rows keep
+    /// their scales), built once; `None` unless all three are quantized.
+    fn qkv_int8(&self, p: &str) -> candle_core::Result<Option<Arc<crate::quant::QTensor>>> {
+        let name = |part: &str| format!("{p}.attention.self.{part}.weight");
+        let [Some(q), Some(k), Some(v)] =
+            ["query", "key", "value"].map(|part| self.store.quantized(&name(part)))
+        else {
+            return Ok(None);
+        };
+        let fused = name("qkv");
+        if let Some(f) = self.store.quantized(&fused) {
+            return Ok(Some(f));
+        }
+        let f = Arc::new(crate::quant::QTensor::stack(&fused, &[&q, &k, &v]));
+        self.store
+            .set_quantized(f.clone())
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(f))
+    }
+
+    /// Query, key and value of layer prefix `p` in one product `[.., 3H]`; `xq`: `x`'s int8
+    /// rows, when the op before made them.
+    fn qkv(
+        &self,
+        p: &str,
+        x: &Tensor,
+        xq: Option<crate::quant::gemm::QRows>,
+        g: bool,
+    ) -> candle_core::Result<Tensor> {
         let name = |part: &str, what: &str| format!("{p}.attention.self.{part}.{what}");
         let w = |part: &str, what: &str| self.t(&name(part, what), g);
         let bqkv = Tensor::cat(
             &[w("query", "bias")?, w("key", "bias")?, w("value", "bias")?],
             0,
         )?;
+        if let Some(qt) = self.qkv_int8(p)? {
+            let after = crate::quant::After::default();
+            return Ok(crate::quant::linear_with(x, xq, &qt, Some(&bqkv), after)?.0);
+        }
         let parts =
             ["query", "key", "value"].map(|part| self.store.quantized(&name(part, "weight")));
-        if let [Some(q), Some(k), Some(v)] = &parts {
-            // One stacked int8 product (rows keep their scales), built once.
-            let fused = format!("{p}.attention.self.qkv.weight");
-            let qt = match self.store.quantized(&fused) {
-                Some(f) => f,
-                None => {
-                    let f = std::sync::Arc::new(crate::quant::QTensor::stack(&fused, &[q, k, v]));
-                    self.store
-                        .set_quantized(f.clone())
-                        .map_err(candle_core::Error::wrap)?;
-                    f
-                }
-            };
-            return crate::quant::linear(x, &qt, Some(&bqkv));
-        }
         if parts.iter().all(Option::is_none) {
             let names = ["query", "key", "value"].map(|part| format!("{p}.attention.self.{part}"));
             if let Some(packed) = self.packed(&names.each_ref().map(String::as_str), x, g)? {
@@ -616,9 +632,12 @@ impl Bert {
         let x = words.broadcast_add(&(pos.broadcast_add(&types)?))?;
         let x = self.norm("embeddings.LayerNorm", &x, g)?;
         let mut x = ctx.dropout(&x, p_hidden)?;
+        // int8: `x`'s rows quantized for the next query/key/value product, made by the op that
+        // made `x` (while each row was in cache).
+        let mut xq = None;
         for l in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
-            let qkv = self.qkv(&p, &x, g)?;
+            let qkv = self.qkv(&p, &x, xq.take(), g)?;
             let seed = ctx.rng().next_u64();
             let a = attention(
                 &qkv,
@@ -634,21 +653,73 @@ impl Bert {
                 },
             )?;
             let out = format!("{p}.attention.output.dense");
-            let a = self.dense_dropout_add(&out, &a, &x, g, p_hidden, ctx)?;
-            x = self.norm(&format!("{p}.attention.output.LayerNorm"), &a, g)?;
             let inter = format!("{p}.intermediate.dense");
             let output = format!("{p}.output.dense");
-            if let (Some(q1), Some(q2), "gelu", 0.0) = (
+            // int8 without dropout: the feed-forward block as one op (below).
+            let ffn = match (
                 self.store.quantized(&format!("{inter}.weight")),
                 self.store.quantized(&format!("{output}.weight")),
                 c.hidden_act.as_str(),
-                p_hidden,
             ) {
-                // int8: both products in one op, the hidden layer never in f32 memory.
+                (Some(q1), Some(q2), "gelu") if p_hidden == 0.0 => Some((q1, q2)),
+                _ => None,
+            };
+            let ln = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+                Ok((
+                    self.t(&format!("{name}.weight"), g)?,
+                    self.t(&format!("{name}.bias"), g)?,
+                ))
+            };
+            let norm1 = format!("{p}.attention.output.LayerNorm");
+            let mut hq = None;
+            x = match self.store.quantized(&format!("{out}.weight")) {
+                // int8: the residual, the layer norm and the next product's int8 rows in the
+                // product's pass.
+                Some(q) if p_hidden == 0.0 => {
+                    let b = self.t(&format!("{out}.bias"), g)?;
+                    let (w1, b1) = ln(&norm1)?;
+                    let after = crate::quant::After {
+                        residual: Some(&x),
+                        norm: Some((&w1, &b1, c.layer_norm_eps)),
+                        quantize_for: ffn.as_ref().map(|(q1, _)| &**q1),
+                        ..Default::default()
+                    };
+                    let (y, q) = crate::quant::linear_with(&a, None, &q, Some(&b), after)?;
+                    hq = q;
+                    y
+                }
+                _ => {
+                    let a = self.dense_dropout_add(&out, &a, &x, g, p_hidden, ctx)?;
+                    self.norm(&norm1, &a, g)?
+                }
+            };
+            if let Some((q1, q2)) = ffn {
+                // int8: both products in one op, the hidden layer never in f32 memory, then
+                // the residual, the layer norm and the next layer's int8 rows.
                 let b1 = self.t(&format!("{inter}.bias"), g)?;
                 let b2 = self.t(&format!("{output}.bias"), g)?;
-                let o = crate::quant::mlp(&x, &q1, Some(&b1), Act::Gelu, &q2, Some(&b2), Some(&x))?;
-                x = self.norm(&format!("{p}.output.LayerNorm"), &o, g)?;
+                let (w2, bn2) = ln(&format!("{p}.output.LayerNorm"))?;
+                let next = match l + 1 < c.num_hidden_layers {
+                    true => self.qkv_int8(&format!("encoder.layer.{}", l + 1))?,
+                    false => None,
+                };
+                let after = crate::quant::After {
+                    residual: Some(&x),
+                    norm: Some((&w2, &bn2, c.layer_norm_eps)),
+                    quantize_for: next.as_deref(),
+                    ..Default::default()
+                };
+                let (y, q) = crate::quant::mlp_with(
+                    &x,
+                    hq,
+                    &q1,
+                    Some(&b1),
+                    Act::Gelu,
+                    &q2,
+                    Some(&b2),
+                    after,
+                )?;
+                (x, xq) = (y, q);
                 continue;
             }
             let i = match (

@@ -77,6 +77,14 @@ dispatch!(normalize_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, o: &mut [f32]
     }
 });
 
+// [`normalize_row`] with the output over its input (a fused op's row, still in cache).
+dispatch!(pub(crate) normalize_in_place(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, rstd) = stats(x, eps);
+    for ((x, &w), &b) in x.iter_mut().zip(w).zip(b) {
+        *x = (*x - mean) * rstd * w + b;
+    }
+});
+
 fn width(l: &Layout, lw: &Layout, lb: &Layout) -> candle_core::Result<usize> {
     let h = *l.dims().last().unwrap_or(&0);
     if h == 0 || lw.shape().elem_count() != h || lb.shape().elem_count() != h {

@@ -474,8 +474,9 @@ pub fn gemm_i32_with(a: &[i8], m: usize, b: &Packed, isa: Isa) -> Vec<i32> {
 }
 
 /// An element-wise function applied to the output in the GEMM's epilogue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Act {
+    #[default]
     None,
     /// The exact (erf) GELU.
     Gelu,
@@ -526,6 +527,31 @@ pub fn gemm_f32_fused(
     act: Act,
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
+    gemm_f32_rows(a, b, sw, bias, act, residual, RowPost::default()).0
+}
+
+/// Steps on each whole row of a product's output, after its epilogue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowPost<'a> {
+    /// Layer norm of the row: its weight, bias and epsilon.
+    pub norm: Option<(&'a [f32], &'a [f32], f32)>,
+    /// Also quantize the (normalized) row for the next int8 layer, by `Some(fixed)` (static)
+    /// or its own range (`None`), as [`quantize_rows`] would.
+    pub quantize: Option<Option<f32>>,
+}
+
+/// [`gemm_f32_fused`], then `post` on each row of the output: in the task that computed the
+/// row, while it is in cache, when tasks hold whole rows; else in a pass after the product.
+/// Returns the output and, with `post.quantize`, its int8 rows.
+pub fn gemm_f32_rows(
+    a: &QRows,
+    b: &Packed,
+    sw: &[f32],
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<&[f32]>,
+    post: RowPost,
+) -> (Vec<f32>, Option<QRows>) {
     check(a, b, sw, bias);
     let (m, n) = (a.m, b.n);
     if let Some(r) = residual {
@@ -536,13 +562,51 @@ pub fn gemm_f32_fused(
             r.len()
         );
     }
+    if let Some((w, bn, _)) = post.norm {
+        assert!(
+            w.len() == n && bn.len() == n,
+            "gemm: a layer norm of {} and {} values for rows of {n}",
+            w.len(),
+            bn.len()
+        );
+    }
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: every element is written by exactly one tile below before it is read.
     #[allow(clippy::uninit_vec)]
     unsafe {
         out.set_len(m * n)
     };
+    let np = n.next_multiple_of(2);
+    let mut q = post.quantize.map(|_| take_rows(m * np));
+    let mut scale = vec![0f32; if q.is_some() { m } else { 0 }];
     let ptr = SendPtr(out.as_mut_ptr());
+    let (qp, sp) = (
+        SendPtr(q.as_mut().map_or(std::ptr::null_mut(), |q| q.as_mut_ptr())),
+        SendPtr(scale.as_mut_ptr()),
+    );
+    // `post` on rows r0..r0+rows, by the one task or thread that owns them.
+    let rows_post = move |r0: usize, rows: usize| {
+        for i in r0..r0 + rows {
+            // SAFETY: the caller owns rows r0..r0+rows of `out` (and of the int8 rows).
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.at(i * n), n) };
+            if let Some((w, bn, eps)) = post.norm {
+                crate::model::layer_norm::normalize_in_place(row, w, bn, eps);
+            }
+            if let Some(fixed) = post.quantize {
+                // SAFETY: as above.
+                let (dst, s) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(qp.at(i * np), np),
+                        &mut *sp.at(i),
+                    )
+                };
+                *s = quantize_row(row, fixed, dst);
+            }
+        }
+    };
+    let isa = Isa::detect();
+    let active = post.norm.is_some() || post.quantize.is_some();
+    let in_tasks = active && !splits_panels(m, task_rows(isa)) && n > 0;
     let epi = epilogue_fn();
     tiles(
         m,
@@ -560,13 +624,24 @@ pub fn gemm_f32_fused(
             // residual has `out`'s shape.
             unsafe { epi(tile, &a.scale[i0..], e, ptr.at(i0 * n + j0), n) };
         },
-        &|_, _| {},
+        &|r0, rows| {
+            if in_tasks {
+                rows_post(r0, rows);
+            }
+        },
         &a.q,
         a.kp(),
         b,
-        Isa::detect(),
+        isa,
     );
-    out
+    if active && !in_tasks && n > 0 {
+        (0..m)
+            .into_par_iter()
+            .with_min_len(16)
+            .for_each(|i| rows_post(i, 1));
+    }
+    let q = q.map(|q| QRows { m, k: n, q, scale });
+    (out, q)
 }
 
 /// `act(A·Bᵀ · sa · sw + bias)` quantized per row for the next layer (as [`quantize_rows`]

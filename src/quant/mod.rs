@@ -22,7 +22,10 @@ mod ops;
 
 pub use file::{file_shapes, load, save, QuantMeta, MODEL_FILE, REPORT_FILE};
 pub use gemm::Act;
-pub use ops::{conv2d, embedding, linear, linear_act, linear_fused, linear_or, mlp, set_fused};
+pub use ops::{
+    conv2d, embedding, linear, linear_act, linear_fused, linear_or, linear_with, mlp, mlp_with,
+    set_fused, After,
+};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};

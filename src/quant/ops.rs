@@ -4,10 +4,10 @@
 
 use candle_core::{DType, Tensor};
 
-use super::gemm::{gemm_f32, gemm_f32_fused, gemm_requantize, quantize_rows, Act, QRows};
+use super::gemm::{gemm_f32, gemm_f32_rows, gemm_requantize, quantize_rows, Act, QRows, RowPost};
 use super::{rel_error, LayerKind, QTensor};
 use crate::model::conv::{affine_in_place, conv2d_forward, im2col_i16, ConvSpec};
-use crate::model::kernels::with_f32;
+use crate::model::kernels::cpu_f32;
 
 fn f32_vec(x: &Tensor) -> candle_core::Result<Vec<f32>> {
     x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
@@ -54,49 +54,63 @@ pub fn linear_fused(
     act: Act,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let after = After {
+        act,
+        residual,
+        ..After::default()
+    };
+    Ok(linear_with(x, None, q, bias, after)?.0)
+}
+
+/// What an int8 layer does after its product, in the same pass over the output: an
+/// activation, then `+ residual`, then a layer norm of each row; and it can hand on the
+/// output quantized for the next int8 layer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct After<'a> {
+    pub act: Act,
+    /// Added to the output (of the output's shape).
+    pub residual: Option<&'a Tensor>,
+    /// A layer norm of each output row: weight, bias, epsilon.
+    pub norm: Option<(&'a Tensor, &'a Tensor, f64)>,
+    /// Also return the output as int8 rows for this layer's input (its static scale, if it
+    /// has one), made while each row is in cache.
+    pub quantize_for: Option<&'a QTensor>,
+}
+
+/// The int8 linear layer `q` on `x` with `after` fused into it: returns the output and, with
+/// `after.quantize_for`, the output's int8 rows for that layer. `xq` are `x`'s int8 rows if
+/// a fused op already made them (for this layer's scale), else `x` is quantized here.
+pub fn linear_with(
+    x: &Tensor,
+    xq: Option<QRows>,
+    q: &QTensor,
+    bias: Option<&Tensor>,
+    after: After,
+) -> candle_core::Result<(Tensor, Option<QRows>)> {
     let (k, shape) = out_shape(x, q)?;
-    if let Some(r) = residual {
-        if r.dims() != shape.as_slice() {
-            candle_core::bail!(
-                "int8 linear `{}`: residual {:?} for an output {shape:?}",
-                q.name,
-                r.dims()
-            );
-        }
-    }
-    if !x.device().is_cpu() {
-        let y = dequantized(x, q, bias, act)?;
-        return match residual {
-            Some(r) => y + r,
-            None => Ok(y),
+    after.check(&q.name, &shape)?;
+    if !x.device().is_cpu() || (!fused() && after.extras()) {
+        let y = if x.device().is_cpu() {
+            let act = After {
+                act: after.act,
+                ..After::default()
+            };
+            linear_with(x, xq, q, bias, act)?.0
+        } else {
+            dequantized(x, q, bias, after.act)?
         };
-    }
-    if let (false, Some(r)) = (fused(), residual) {
-        return linear_fused(x, q, bias, act, None)? + r;
+        return Ok((after.unfused(y)?, None));
     }
     let x = x.contiguous()?;
     let m = x.elem_count() / k.max(1);
     let b = bias.map(f32_vec).transpose()?;
-    let y = on_f32_with(&x, residual, |xs, r| {
-        let a = quantize_rows(xs, m, k, q.act_scale);
-        let y = gemm_f32_fused(&a, q.packed(), &q.scale, b.as_deref(), act, r);
+    let (y, yq) = after.run(&x, |xs, r, post| {
+        let a = input_rows(xs, xq, m, k, q)?;
+        let out = gemm_f32_rows(&a, q.packed(), &q.scale, b.as_deref(), after.act, r, post);
         a.recycle();
-        y
+        Ok(out)
     })?;
-    Tensor::from_vec(y, shape, x.device())
-}
-
-static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Whether [`linear_fused`] and [`mlp`] fuse their residual and hidden layer (the default);
-/// `false` runs them as separate steps, with the same values (for A/B timings).
-#[doc(hidden)]
-pub fn set_fused(on: bool) {
-    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn fused() -> bool {
-    FUSED.load(std::sync::atomic::Ordering::Relaxed)
+    Ok((Tensor::from_vec(y, shape, x.device())?, yq))
 }
 
 /// Two int8 linear layers, `act(x·W1ᵀ + b1)·W2ᵀ + b2 (+ residual)` (a transformer's
@@ -113,6 +127,25 @@ pub fn mlp(
     b2: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let after = After {
+        residual,
+        ..After::default()
+    };
+    Ok(mlp_with(x, None, q1, b1, act, q2, b2, after)?.0)
+}
+
+/// [`mlp`] with `after` fused into its second product, and `xq` as in [`linear_with`].
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_with(
+    x: &Tensor,
+    xq: Option<QRows>,
+    q1: &QTensor,
+    b1: Option<&Tensor>,
+    act: Act,
+    q2: &QTensor,
+    b2: Option<&Tensor>,
+    after: After,
+) -> candle_core::Result<(Tensor, Option<QRows>)> {
     let (k, hidden) = out_shape(x, q1)?;
     if q2.kind != LayerKind::Linear || q2.cols() != q1.rows() {
         candle_core::bail!(
@@ -123,38 +156,146 @@ pub fn mlp(
             q2.shape
         );
     }
-    if !x.device().is_cpu() {
-        let h = dequantized(x, q1, b1, act)?;
-        return linear_fused(&h.reshape(hidden)?, q2, b2, Act::None, residual);
-    }
     let mut shape = hidden.clone();
     *shape.last_mut().expect("rank ≥ 1") = q2.rows();
-    if let Some(r) = residual {
-        if r.dims() != shape.as_slice() {
-            candle_core::bail!(
-                "int8 mlp `{}`: residual {:?} for an output {shape:?}",
-                q2.name,
-                r.dims()
-            );
-        }
-    }
-    if !fused() {
-        let h = linear_act(x, q1, b1, act)?;
-        return linear_fused(&h, q2, b2, Act::None, residual);
+    after.check(&q2.name, &shape)?;
+    if !x.device().is_cpu() || !fused() {
+        let after1 = After {
+            act,
+            ..After::default()
+        };
+        let h = linear_with(x, xq, q1, b1, after1)?.0;
+        return linear_with(&h, None, q2, b2, after);
     }
     let x = x.contiguous()?;
     let m = x.elem_count() / k.max(1);
     let b1 = b1.map(f32_vec).transpose()?;
     let b2 = b2.map(f32_vec).transpose()?;
-    let y = on_f32_with(&x, residual, |xs, r| {
-        let a = quantize_rows(xs, m, k, q1.act_scale);
+    let (y, yq) = after.run(&x, |xs, r, post| {
+        let a = input_rows(xs, xq, m, k, q1)?;
         let h = gemm_requantize(&a, q1.packed(), &q1.scale, b1.as_deref(), act, q2.act_scale);
         a.recycle();
-        let y = gemm_f32_fused(&h, q2.packed(), &q2.scale, b2.as_deref(), Act::None, r);
+        let out = gemm_f32_rows(
+            &h,
+            q2.packed(),
+            &q2.scale,
+            b2.as_deref(),
+            Act::None,
+            r,
+            post,
+        );
         h.recycle();
-        y
+        Ok(out)
     })?;
-    Tensor::from_vec(y, shape, x.device())
+    Ok((Tensor::from_vec(y, shape, x.device())?, yq))
+}
+
+/// `x`'s int8 rows for layer `q`: `xq` when given (checked against `x`'s shape), else `x`
+/// quantized now.
+fn input_rows(
+    xs: &[f32],
+    xq: Option<QRows>,
+    m: usize,
+    k: usize,
+    q: &QTensor,
+) -> candle_core::Result<QRows> {
+    match xq {
+        Some(a) if a.m == m && a.k == k => Ok(a),
+        Some(a) => candle_core::bail!(
+            "int8 linear `{}`: int8 rows [{}, {}] for an input [{m}, {k}]",
+            q.name,
+            a.m,
+            a.k
+        ),
+        None => Ok(quantize_rows(xs, m, k, q.act_scale)),
+    }
+}
+
+static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether [`linear_with`] and [`mlp_with`] fuse their residual, norm and hidden layer (the
+/// default); `false` runs them as separate steps, with the same values (for A/B timings).
+#[doc(hidden)]
+pub fn set_fused(on: bool) {
+    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn fused() -> bool {
+    FUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl After<'_> {
+    /// Whether anything follows the activation.
+    fn extras(&self) -> bool {
+        self.residual.is_some() || self.norm.is_some() || self.quantize_for.is_some()
+    }
+
+    /// Checks the residual's, the norm's and the next layer's shapes against the output's.
+    fn check(&self, name: &str, shape: &[usize]) -> candle_core::Result<()> {
+        if let Some(r) = self.residual {
+            if r.dims() != shape {
+                candle_core::bail!(
+                    "int8 linear `{name}`: residual {:?} for an output {shape:?}",
+                    r.dims()
+                );
+            }
+        }
+        let n = shape.last().copied().unwrap_or(0);
+        if let Some((w, b, _)) = self.norm {
+            if w.elem_count() != n || b.elem_count() != n {
+                candle_core::bail!(
+                    "int8 linear `{name}`: a layer norm of {:?} and {:?} for rows of {n}",
+                    w.dims(),
+                    b.dims()
+                );
+            }
+        }
+        if let Some(next) = self.quantize_for {
+            if next.kind != LayerKind::Linear || next.cols() != n {
+                candle_core::bail!(
+                    "int8 linear `{name}`: rows of {n} cannot feed `{}` {:?}",
+                    next.name,
+                    next.shape
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The residual and the norm as separate ops on the product `y` (`act` already applied).
+    fn unfused(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        let y = match self.residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        match self.norm {
+            Some((w, b, eps)) => crate::model::layer_norm::layer_norm(&y, w, b, eps),
+            None => Ok(y),
+        }
+    }
+
+    /// `f(x, residual, post)` on the f32 values of `x`, the residual and the norm.
+    fn run(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(
+            &[f32],
+            Option<&[f32]>,
+            RowPost,
+        ) -> candle_core::Result<(Vec<f32>, Option<QRows>)>,
+    ) -> candle_core::Result<(Vec<f32>, Option<QRows>)> {
+        let norm = self
+            .norm
+            .map(|(w, b, eps)| Ok::<_, candle_core::Error>((f32_vec(w)?, f32_vec(b)?, eps as f32)))
+            .transpose()?;
+        let post = RowPost {
+            norm: norm
+                .as_ref()
+                .map(|(w, b, eps)| (w.as_slice(), b.as_slice(), *eps)),
+            quantize: self.quantize_for.map(|q| q.act_scale),
+        };
+        on_f32_with(x, self.residual, |xs, r| f(xs, r, post))?
+    }
 }
 
 /// The input width of linear layer `q` and its output's shape for input `x`, or an error
@@ -194,11 +335,13 @@ fn dequantized(
 
 /// `f` on the values of `x` (contiguous): in place when they are f32 on the CPU, else on a
 /// converted copy.
-fn on_f32<R>(x: &Tensor, f: impl Fn(&[f32]) -> R) -> candle_core::Result<R> {
-    match with_f32(x, &f) {
-        Some(r) => Ok(r),
-        None => Ok(f(&f32_vec(x)?)),
+fn on_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (s, l) = x.storage_and_layout();
+    if let Some(v) = cpu_f32(&s, l) {
+        return Ok(f(v));
     }
+    drop(s);
+    Ok(f(&f32_vec(x)?))
 }
 
 /// `f` on the values of `x` (contiguous) and of `other` (any layout), each borrowed when it
@@ -206,19 +349,19 @@ fn on_f32<R>(x: &Tensor, f: impl Fn(&[f32]) -> R) -> candle_core::Result<R> {
 fn on_f32_with<R>(
     x: &Tensor,
     other: Option<&Tensor>,
-    f: impl Fn(&[f32], Option<&[f32]>) -> R,
+    f: impl FnOnce(&[f32], Option<&[f32]>) -> R,
 ) -> candle_core::Result<R> {
     let Some(o) = other else {
         return on_f32(x, |xs| f(xs, None));
     };
     let o = o.contiguous()?;
-    match with_f32(&o, |os| on_f32(x, |xs| f(xs, Some(os)))) {
-        Some(r) => r,
-        None => {
-            let os = f32_vec(&o)?;
-            on_f32(x, |xs| f(xs, Some(&os)))
-        }
+    let (s, l) = o.storage_and_layout();
+    if let Some(os) = cpu_f32(&s, l) {
+        return on_f32(x, |xs| f(xs, Some(os)));
     }
+    drop(s);
+    let os = f32_vec(&o)?;
+    on_f32(x, |xs| f(xs, Some(&os)))
 }
 
 /// Convolution of NHWC `x` with int8 weights `q` (`[out, in, kh, kw]`), then
