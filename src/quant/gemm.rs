@@ -685,7 +685,8 @@ pub fn gemm_requantize(
                 let e = Epilogue {
                     sw: &sw[j0..j0 + nn],
                     bias: bias.map(|b| &b[j0..j0 + nn]),
-                    gelu: act == Act::Gelu,
+                    // The activation waits for the whole block (below).
+                    gelu: false,
                     res: None,
                 };
                 let dst = &mut buf[(i0 - base) * n + j0..];
@@ -696,7 +697,13 @@ pub fn gemm_requantize(
         },
         &|r0, rows| {
             TASK_OUT.with(|buf| {
-                let buf = buf.borrow();
+                let mut buf = buf.borrow_mut();
+                if act == Act::Gelu {
+                    // The whole block at once: one long run of AVX-512 arithmetic (where the
+                    // CPU has it) rather than a short one per tile, 1.1× faster at batch 32
+                    // (`vecmath::gelu`'s lanes give the loop's bits).
+                    crate::model::vecmath::gelu_in_place(&mut buf[..rows * n]);
+                }
                 for (r, row) in buf.chunks_exact(n).take(rows).enumerate() {
                     // SAFETY: the task that owns rows r0..r0+rows (all their columns) is the
                     // only writer of their quantized values and scales.
