@@ -472,6 +472,34 @@ impl Bert {
         self.dense_then(name, x, grad, false, Some(residual))
     }
 
+    /// `name`'s linear layer on `x`, dropout `p`, `+ residual`, then layer norm `norm`: one
+    /// fused product when the weights are packed for inference and there is no dropout (the
+    /// norm runs on each block of rows while it is in cache); else separate ops. Same values.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_add_norm(
+        &self,
+        name: &str,
+        x: &Tensor,
+        residual: &Tensor,
+        norm: &str,
+        grad: bool,
+        p: f32,
+        ctx: &mut ModelCtx,
+    ) -> candle_core::Result<Tensor> {
+        let wname = format!("{name}.weight");
+        if p == 0.0 && self.store.quantized(&wname).is_none() {
+            if let Some(packed) = self.packed(&[name], x, grad)? {
+                self.store.observe(&wname, x)?;
+                let w = self.t(&format!("{norm}.weight"), grad)?;
+                let b = self.t(&format!("{norm}.bias"), grad)?;
+                let ln = (&w, &b, self.config.layer_norm_eps);
+                return packed.apply_norm(x, false, Some(residual), Some(ln));
+            }
+        }
+        let y = self.dense_dropout_add(name, x, residual, grad, p, ctx)?;
+        self.norm(norm, &y, grad)
+    }
+
     /// The frozen layers `names` (prefixes of `.weight` and `.bias`; several are stacked by
     /// output, as query, key and value) with their weights packed for inference, made once and
     /// kept by the store (under the first weight's name) until its values change. `None` when
@@ -688,10 +716,7 @@ impl Bert {
                     hq = q;
                     y
                 }
-                _ => {
-                    let a = self.dense_dropout_add(&out, &a, &x, g, p_hidden, ctx)?;
-                    self.norm(&norm1, &a, g)?
-                }
+                _ => self.dense_add_norm(&out, &a, &x, &norm1, g, p_hidden, ctx)?,
             };
             if let Some((q1, q2)) = ffn {
                 // int8: both products in one op, the hidden layer never in f32 memory, then
@@ -740,8 +765,8 @@ impl Bert {
                     }
                 }
             };
-            let o = self.dense_dropout_add(&output, &i, &x, g, p_hidden, ctx)?;
-            x = self.norm(&format!("{p}.output.LayerNorm"), &o, g)?;
+            let norm2 = format!("{p}.output.LayerNorm");
+            x = self.dense_add_norm(&output, &i, &x, &norm2, g, p_hidden, ctx)?;
         }
         Ok(x)
     }

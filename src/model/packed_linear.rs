@@ -100,6 +100,19 @@ impl PackedLinear {
         gelu: bool,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        self.apply_norm(x, gelu, residual, None)
+    }
+
+    /// [`Self::apply_with`], then a layer norm of each output row (weight, bias, epsilon), in
+    /// the task that computed the row while it is in cache: the values of
+    /// [`super::layer_norm::layer_norm`] on the output.
+    pub fn apply_norm(
+        &self,
+        x: &Tensor,
+        gelu: bool,
+        residual: Option<&Tensor>,
+        norm: Option<(&Tensor, &Tensor, f64)>,
+    ) -> candle_core::Result<Tensor> {
         let k = *x.dims().last().unwrap_or(&0);
         if k != self.k || k == 0 {
             candle_core::bail!(
@@ -122,14 +135,31 @@ impl PackedLinear {
             None => None,
         };
         let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let norm = match norm {
+            Some((w, b, _)) if w.elem_count() != self.n || b.elem_count() != self.n => {
+                candle_core::bail!(
+                    "linear: a layer norm of {:?} and {:?} for rows of {}",
+                    w.dims(),
+                    b.dims(),
+                    self.n
+                )
+            }
+            Some((w, b, eps)) => Some((host(w)?, host(b)?, eps as f32)),
+            None => None,
+        };
+        let norm = norm
+            .as_ref()
+            .map(|(w, b, eps)| (w.as_slice(), b.as_slice(), *eps));
         let run = |xv: &[f32]| -> candle_core::Result<Vec<f32>> {
             Ok(match &residual {
-                None if gelu => self.forward_with(xv, m, Epilogue::Gelu),
-                None => self.forward(xv, m),
-                Some(r) => match with_f32(r, |rv| self.forward_with(xv, m, Epilogue::Add(rv))) {
-                    Some(y) => y,
-                    None => self.forward_with(xv, m, Epilogue::Add(&host(r)?)),
-                },
+                None if gelu => self.forward_rows(xv, m, Epilogue::Gelu, norm),
+                None => self.forward_rows(xv, m, Epilogue::None, norm),
+                Some(r) => {
+                    match with_f32(r, |rv| self.forward_rows(xv, m, Epilogue::Add(rv), norm)) {
+                        Some(y) => y,
+                        None => self.forward_rows(xv, m, Epilogue::Add(&host(r)?), norm),
+                    }
+                }
             })
         };
         let y = match with_f32(&x, run) {
@@ -146,6 +176,18 @@ impl PackedLinear {
 
     /// [`Self::forward`], then `epilogue` on each output.
     pub fn forward_with(&self, x: &[f32], m: usize, epilogue: Epilogue) -> Vec<f32> {
+        self.forward_rows(x, m, epilogue, None)
+    }
+
+    /// [`Self::forward_with`], then a layer norm (weight, bias, epsilon) of each output row:
+    /// by the task that computed the row, when tasks hold whole rows, else in a pass after.
+    pub fn forward_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        epilogue: Epilogue,
+        norm: Option<(&[f32], &[f32], f32)>,
+    ) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(
             x.len(),
@@ -177,7 +219,26 @@ impl PackedLinear {
         };
         let group = panels.div_ceil(groups);
         let groups = panels.div_ceil(group);
+        if let Some((w, b, _)) = norm {
+            assert!(
+                w.len() == n && b.len() == n,
+                "packed linear: a layer norm of {} and {} values for rows of {n}",
+                w.len(),
+                b.len()
+            );
+        }
         let dst = DstPtr(out.as_mut_ptr());
+        // The norm of rows r0..r1, by the one task or thread that owns them.
+        let normalize = |r0: usize, r1: usize| {
+            if let Some((w, b, eps)) = norm {
+                for i in r0..r1 {
+                    // SAFETY: the caller owns rows r0..r1 of `out`, all of whose outputs are
+                    // final.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.at(i * n), n) };
+                    super::layer_norm::normalize_in_place(row, w, b, eps);
+                }
+            }
+        };
         let task = |t: usize| {
             let (rb, g) = (t / groups, t % groups);
             let r0 = rb * tiles_per_block * MR;
@@ -199,12 +260,26 @@ impl PackedLinear {
                     epilogue,
                 )
             };
+            if groups == 1 {
+                normalize(r0, r1);
+            }
         };
         let tasks = row_blocks * groups;
-        if tasks > 1 && rayon::current_num_threads() > 1 && m * n * k >= 1 << 18 {
+        let parallel = tasks > 1 && rayon::current_num_threads() > 1 && m * n * k >= 1 << 18;
+        if parallel {
             (0..tasks).into_par_iter().for_each(task);
         } else {
             (0..tasks).for_each(task);
+        }
+        if groups > 1 && norm.is_some() {
+            if parallel {
+                (0..m)
+                    .into_par_iter()
+                    .with_min_len(16)
+                    .for_each(|i| normalize(i, i + 1));
+            } else {
+                normalize(0, m);
+            }
         }
         out
     }
@@ -835,6 +910,7 @@ mod imp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
 
     fn reference(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
@@ -910,6 +986,37 @@ mod tests {
         assert_eq!(p.forward_with(&x, m, Epilogue::Gelu), g);
         let sum: Vec<f32> = y.iter().zip(&res).map(|(y, r)| y + r).collect();
         assert_eq!(p.forward_with(&x, m, Epilogue::Add(&res)), sum);
+    }
+
+    #[test]
+    fn a_fused_layer_norm_gives_the_ops_values_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let mut r = crate::rng::Rng::new(8);
+        // 61 rows: tasks split the columns, the norm runs after; 1,000: tasks own whole rows.
+        for (m, n, k) in [(61, 70, 300), (1000, 50, 40)] {
+            let mut normal =
+                |len: usize| -> Vec<f32> { (0..len).map(|_| r.normal() as f32).collect() };
+            let (x, w, b, res) = (normal(m * k), normal(n * k), normal(n), normal(m * n));
+            let (lw, lb) = (normal(n), normal(n));
+            let p = PackedLinear::new(&w, n, k, Some(&b)).unwrap();
+            let y = p.forward_with(&x, m, Epilogue::Add(&res));
+            let t = |v: &[f32], s: &[usize]| Tensor::from_vec(v.to_vec(), s, &Device::Cpu).unwrap();
+            let want: Vec<f32> = crate::model::layer_norm::layer_norm(
+                &t(&y, &[m, n]),
+                &t(&lw, &[n]),
+                &t(&lb, &[n]),
+                1e-5,
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+            let got = p.forward_rows(&x, m, Epilogue::Add(&res), Some((&lw, &lb, 1e-5)));
+            assert_eq!(got, want, "{m}×{n}×{k}");
+        }
     }
 
     #[test]
