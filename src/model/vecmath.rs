@@ -145,22 +145,40 @@ dispatch_wide!(pub sum_exp_minus(xs: &mut [f64], m: f64) -> f64 {
     s
 });
 
+/// The numerator of [`erf`]'s rational approximation, a polynomial in `x²` (highest power
+/// first), times `x`.
+const ERF_P: [f32; 7] = [
+    -2.726_142_3e-10,
+    2.770_681_4e-8,
+    -2.101_024e-6,
+    -5.692_506_4e-5,
+    -7.349_906_3e-4,
+    -2.954_600_1e-3,
+    -1.609_603_3e-2,
+];
+/// Its denominator, a polynomial in `x²` (highest power first).
+const ERF_Q: [f32; 5] = [
+    -1.456_607_2e-5,
+    -2.133_740_6e-4,
+    -1.682_827e-3,
+    -7.373_329_3e-3,
+    -1.426_473_9e-2,
+];
+
 /// `erf(x)`: Eigen's rational approximation on [-4, 4] (±1 outside, in f32).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
-    p = x2.mul_add(p, -2.101_024e-6);
-    p = x2.mul_add(p, -5.692_506_4e-5);
-    p = x2.mul_add(p, -7.349_906_3e-4);
-    p = x2.mul_add(p, -2.954_600_1e-3);
-    p = x2.mul_add(p, -1.609_603_3e-2);
+    let mut p = x2.mul_add(ERF_P[0], ERF_P[1]);
+    for c in &ERF_P[2..] {
+        p = x2.mul_add(p, *c);
+    }
     p *= x;
-    let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
-    q = x2.mul_add(q, -1.682_827e-3);
-    q = x2.mul_add(q, -7.373_329_3e-3);
-    q = x2.mul_add(q, -1.426_473_9e-2);
+    let mut q = x2.mul_add(ERF_Q[0], ERF_Q[1]);
+    for c in &ERF_Q[2..] {
+        q = x2.mul_add(q, *c);
+    }
     p / q
 }
 
@@ -292,6 +310,43 @@ dispatch!(softmax_masked_generic(row: &mut [f32], keep: &[f32], scale: f32) {
     }
 });
 
+/// [`gelu`] on 8 lanes, for AVX2 code elsewhere (the int8 GEMM's epilogue): the same
+/// operations in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::{ERF_P, ERF_Q, FRAC_1_SQRT_2};
+    use std::arch::x86_64::*;
+
+    /// `0.5 · x · (1 + erf(x / √2))` on 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn gelu(x: __m256) -> __m256 {
+        let t = _mm256_mul_ps(x, _mm256_set1_ps(FRAC_1_SQRT_2));
+        _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_set1_ps(0.5), x),
+            _mm256_add_ps(_mm256_set1_ps(1.0), erf(t)),
+        )
+    }
+
+    /// [`super::erf`] on 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn erf(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-4.0)), _mm256_set1_ps(4.0));
+        let x2 = _mm256_mul_ps(x, x);
+        let mut p = _mm256_fmadd_ps(x2, _mm256_set1_ps(ERF_P[0]), _mm256_set1_ps(ERF_P[1]));
+        for &c in &ERF_P[2..] {
+            p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(c));
+        }
+        p = _mm256_mul_ps(p, x);
+        let mut q = _mm256_fmadd_ps(x2, _mm256_set1_ps(ERF_Q[0]), _mm256_set1_ps(ERF_Q[1]));
+        for &c in &ERF_Q[2..] {
+            q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(c));
+        }
+        _mm256_div_ps(p, q)
+    }
+}
+
 /// Hand-written AVX-512 forms of [`gelu`] and [`softmax_masked`]: the same operations on each
 /// value in the same order (so the same bits as the loops above), 16 lanes at a time. The
 /// compiler's own vectorisation of those loops ran at half this speed.
@@ -328,29 +383,16 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn erf(x: __m512) -> __m512 {
+        use super::{ERF_P, ERF_Q};
         let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.0)), _mm512_set1_ps(4.0));
         let x2 = _mm512_mul_ps(x, x);
-        let mut p = _mm512_fmadd_ps(
-            x2,
-            _mm512_set1_ps(-2.726_142_3e-10),
-            _mm512_set1_ps(2.770_681_4e-8),
-        );
-        for c in [
-            -2.101_024e-6,
-            -5.692_506_4e-5,
-            -7.349_906_3e-4,
-            -2.954_600_1e-3,
-            -1.609_603_3e-2,
-        ] {
+        let mut p = _mm512_fmadd_ps(x2, _mm512_set1_ps(ERF_P[0]), _mm512_set1_ps(ERF_P[1]));
+        for &c in &ERF_P[2..] {
             p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(c));
         }
         p = _mm512_mul_ps(p, x);
-        let mut q = _mm512_fmadd_ps(
-            x2,
-            _mm512_set1_ps(-1.456_607_2e-5),
-            _mm512_set1_ps(-2.133_740_6e-4),
-        );
-        for c in [-1.682_827e-3, -7.373_329_3e-3, -1.426_473_9e-2] {
+        let mut q = _mm512_fmadd_ps(x2, _mm512_set1_ps(ERF_Q[0]), _mm512_set1_ps(ERF_Q[1]));
+        for &c in &ERF_Q[2..] {
             q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(c));
         }
         _mm512_div_ps(p, q)

@@ -333,7 +333,7 @@ fn epilogue_fn() -> EpilogueFn {
 
 /// The epilogue of full tiles (16 columns, with a bias) in AVX2 intrinsics: two vectors per
 /// row, every constant in a register. The same operations in the same order as
-/// [`epilogue_imp`] (and [`crate::model::vecmath::erf`]), so the same bits. (Compiled from
+/// [`epilogue_imp`] (GELU: `vecmath::avx2::gelu`), so the same bits. (Compiled from
 /// the loops, the tile's epilogue and GELU ran at half this speed.)
 #[cfg(target_arch = "x86_64")]
 mod epilogue_avx2 {
@@ -371,7 +371,7 @@ mod epilogue_avx2 {
                     ));
                     let mut v = _mm256_fmadd_ps(_mm256_mul_ps(a, s), sw[h], b[h]);
                     if e.gelu {
-                        v = gelu(v);
+                        v = crate::model::vecmath::avx2::gelu(v);
                     }
                     if let Some((res, ld)) = e.res {
                         v = _mm256_add_ps(v, _mm256_loadu_ps(res.as_ptr().add(r * ld + 8 * h)));
@@ -380,49 +380,6 @@ mod epilogue_avx2 {
                 }
             }
         }
-    }
-
-    /// `0.5 · x · (1 + erf(x / √2))` on 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn gelu(x: __m256) -> __m256 {
-        let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-        _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_set1_ps(0.5), x),
-            _mm256_add_ps(_mm256_set1_ps(1.0), erf(t)),
-        )
-    }
-
-    /// [`crate::model::vecmath::erf`] on 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn erf(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-4.0)), _mm256_set1_ps(4.0));
-        let x2 = _mm256_mul_ps(x, x);
-        let mut p = _mm256_fmadd_ps(
-            x2,
-            _mm256_set1_ps(-2.726_142_3e-10),
-            _mm256_set1_ps(2.770_681_4e-8),
-        );
-        for c in [
-            -2.101_024e-6,
-            -5.692_506_4e-5,
-            -7.349_906_3e-4,
-            -2.954_600_1e-3,
-            -1.609_603_3e-2,
-        ] {
-            p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(c));
-        }
-        p = _mm256_mul_ps(p, x);
-        let mut q = _mm256_fmadd_ps(
-            x2,
-            _mm256_set1_ps(-1.456_607_2e-5),
-            _mm256_set1_ps(-2.133_740_6e-4),
-        );
-        for c in [-1.682_827e-3, -7.373_329_3e-3, -1.426_473_9e-2] {
-            q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(c));
-        }
-        _mm256_div_ps(p, q)
     }
 }
 
