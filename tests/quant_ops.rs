@@ -307,6 +307,43 @@ fn fused_int8_layers_give_the_bits_of_their_separate_steps() {
             );
         }
     }
+    // An activation after the second product too.
+    let (m, k, hid, n) = (120, 30, 40, 24);
+    let x = t(f32s(&mut r, m * k), &[m, k]);
+    let res = t(f32s(&mut r, m * n), &[m, n]);
+    let q1 = QTensor::quantize("w1", LayerKind::Linear, &f32s(&mut r, hid * k), &[hid, k]);
+    let q2 = QTensor::quantize("w2", LayerKind::Linear, &f32s(&mut r, n * hid), &[n, hid]);
+    let gelu = wick::quant::Act::Gelu;
+    let h = wick::quant::linear_act(&x, &q1, None, gelu).unwrap();
+    let want = (wick::quant::linear_act(&h, &q2, None, gelu).unwrap() + &res).unwrap();
+    let after = wick::quant::After {
+        act: gelu,
+        residual: Some(&res),
+        ..Default::default()
+    };
+    let got = wick::quant::mlp_with(&x, None, &q1, None, gelu, &q2, None, after)
+        .unwrap()
+        .0;
+    assert_eq!(bits(&got), bits(&want), "mlp with a second activation");
+    // int8 rows made for another layer's static scale are refused.
+    let mut other = QTensor::quantize("other", LayerKind::Linear, &f32s(&mut r, n * k), &[n, k]);
+    other.act_scale = Some(0.1);
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let rows = gemm::quantize_rows(&xv, m, k, other.act_scale);
+    let none = wick::quant::After::default();
+    let e = wick::quant::linear_with(&x, Some(rows), &q1, None, none)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("static scale Some(0.1)") && e.contains("quantize_for"),
+        "{e}"
+    );
+    // A bias of the wrong length is an error, not a panic.
+    let bad_bias = t(f32s(&mut r, hid + 1), &[hid + 1]);
+    let e = wick::quant::linear_with(&x, None, &q1, Some(&bad_bias), none)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a bias of [41] for 40 outputs"), "{e}");
     // A residual of another shape is an error, not a panic.
     let q = QTensor::quantize("w", LayerKind::Linear, &f32s(&mut r, 6), &[2, 3]);
     let x = t(f32s(&mut r, 12), &[4, 3]);
@@ -315,4 +352,37 @@ fn fused_int8_layers_give_the_bits_of_their_separate_steps() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("residual [4, 3] for an output [4, 2]"), "{e}");
+}
+
+#[test]
+fn fused_products_on_weights_packed_for_another_kernel_repack_them() {
+    // Weights packed for a kernel other than this CPU's (`pack_for`) take other task sizes;
+    // the fused products repack them, and give the values of the CPU's own packing.
+    let mut r = Rng::new(23);
+    let other = match Isa::detect() {
+        Isa::Amx | Isa::Avx512Vnni => Isa::Avx2,
+        _ => Isa::Amx,
+    };
+    // 120 rows: whole-row tasks of 32 (AMX) but panel groups with tasks of 48.
+    for m in [20, 120, 300] {
+        let (n, k) = (70, 50);
+        let b = i8s(&mut r, n * k);
+        let x = f32s(&mut r, m * k);
+        let a = gemm::quantize_rows(&x, m, k, None);
+        let sw: Vec<f32> = (0..n).map(|j| 0.01 + 0.001 * j as f32).collect();
+        let (w, bn) = (f32s(&mut r, n), f32s(&mut r, n));
+        let post = gemm::RowPost {
+            norm: Some((&w, &bn, 1e-5)),
+            quantize: Some(None),
+        };
+        let own = gemm::pack(&b, n, k);
+        let foreign = gemm::pack_for(&b, n, k, other);
+        let run = |p: &gemm::Packed| {
+            let (y, q) = gemm::gemm_f32_rows(&a, p, &sw, None, gemm::Act::Gelu, None, post);
+            let q = q.unwrap();
+            let h = gemm::gemm_requantize(&a, p, &sw, None, gemm::Act::Gelu, None);
+            (y, q.q, q.scale, h.q, h.scale)
+        };
+        assert!(run(&own) == run(&foreign), "{other:?} packing at m={m}");
+    }
 }

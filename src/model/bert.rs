@@ -432,7 +432,13 @@ impl Bert {
         let wname = format!("{name}.weight");
         if let Some(q) = self.store.quantized(&wname) {
             let act = if gelu { Act::Gelu } else { Act::None };
-            return crate::quant::linear_fused(x, &q, Some(&b), act, residual);
+            // With a gradient, the residual stays a candle op, so that it reaches the branch.
+            let fused = if grad { None } else { residual };
+            let y = crate::quant::linear_fused(x, &q, Some(&b), act, fused)?;
+            return match (grad, residual) {
+                (true, Some(r)) => y + r,
+                _ => Ok(y),
+            };
         }
         let mut fused = false;
         let mut y = crate::quant::linear_or(&self.store, &wname, x, Some(&b), || {
@@ -683,13 +689,13 @@ impl Bert {
             let out = format!("{p}.attention.output.dense");
             let inter = format!("{p}.intermediate.dense");
             let output = format!("{p}.output.dense");
-            // int8 without dropout: the feed-forward block as one op (below).
+            // int8 without dropout or gradients: the feed-forward block as one op (below).
             let ffn = match (
                 self.store.quantized(&format!("{inter}.weight")),
                 self.store.quantized(&format!("{output}.weight")),
                 c.hidden_act.as_str(),
             ) {
-                (Some(q1), Some(q2), "gelu") if p_hidden == 0.0 => Some((q1, q2)),
+                (Some(q1), Some(q2), "gelu") if p_hidden == 0.0 && !g => Some((q1, q2)),
                 _ => None,
             };
             let ln = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
@@ -703,7 +709,7 @@ impl Bert {
             x = match self.store.quantized(&format!("{out}.weight")) {
                 // int8: the residual, the layer norm and the next product's int8 rows in the
                 // product's pass.
-                Some(q) if p_hidden == 0.0 => {
+                Some(q) if p_hidden == 0.0 && !g => {
                     let b = self.t(&format!("{out}.bias"), g)?;
                     let (w1, b1) = ln(&norm1)?;
                     let after = crate::quant::After {

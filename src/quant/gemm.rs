@@ -169,6 +169,8 @@ pub struct QRows {
     pub k: usize,
     pub q: Vec<i16>,
     pub scale: Vec<f32>,
+    /// The static scale the rows were quantized with (`None`: each row by its own range).
+    pub fixed: Option<f32>,
 }
 
 impl QRows {
@@ -206,13 +208,25 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, fixed: Option<f32>) -> QRows
     let mut scale = vec![0f32; m];
     if k == 0 {
         q.fill(0);
-        return QRows { m, k, q, scale };
+        return QRows {
+            m,
+            k,
+            q,
+            scale,
+            fixed,
+        };
     }
     x.par_chunks(k)
         .zip(q.par_chunks_mut(kp).zip(scale.par_iter_mut()))
         .with_min_len(16)
         .for_each(|(row, (dst, s))| *s = quantize_row(row, fixed, dst));
-    QRows { m, k, q, scale }
+    QRows {
+        m,
+        k,
+        q,
+        scale,
+        fixed,
+    }
 }
 
 /// A buffer of `len` i16 values from the pool (see `QRows::recycle`), every one to be written
@@ -510,6 +524,12 @@ pub fn gemm_f32_rows(
     post: RowPost,
 ) -> (Vec<f32>, Option<QRows>) {
     check(a, b, sw, bias);
+    let isa = Isa::detect();
+    if !b.fits(isa) {
+        // Weights packed for another kernel (`pack_for`): the tasks below are this one's.
+        let b = pack_for(&b.unpack(), b.n, b.k, isa);
+        return gemm_f32_rows(a, &b, sw, bias, act, residual, post);
+    }
     let (m, n) = (a.m, b.n);
     if let Some(r) = residual {
         assert_eq!(
@@ -561,7 +581,6 @@ pub fn gemm_f32_rows(
             }
         }
     };
-    let isa = Isa::detect();
     let active = post.norm.is_some() || post.quantize.is_some();
     let in_tasks = active && !splits_panels(m, task_rows(isa)) && n > 0;
     let epi = epilogue_fn();
@@ -597,7 +616,13 @@ pub fn gemm_f32_rows(
             .with_min_len(16)
             .for_each(|i| rows_post(i, 1));
     }
-    let q = q.map(|q| QRows { m, k: n, q, scale });
+    let q = post.quantize.zip(q).map(|(fixed, q)| QRows {
+        m,
+        k: n,
+        q,
+        scale,
+        fixed,
+    });
     (out, q)
 }
 
@@ -615,8 +640,13 @@ pub fn gemm_requantize(
     fixed: Option<f32>,
 ) -> QRows {
     check(a, b, sw, bias);
-    let (m, n) = (a.m, b.n);
     let isa = Isa::detect();
+    if !b.fits(isa) {
+        // Weights packed for another kernel (`pack_for`): the tasks below are this one's.
+        let b = pack_for(&b.unpack(), b.n, b.k, isa);
+        return gemm_requantize(a, &b, sw, bias, act, fixed);
+    }
+    let (m, n) = (a.m, b.n);
     let block = task_rows(isa);
     if splits_panels(m, block) || n == 0 {
         // Tasks would hold only some of a row's columns: quantize the whole output after.
@@ -679,7 +709,13 @@ pub fn gemm_requantize(
         b,
         isa,
     );
-    QRows { m, k: n, q, scale }
+    QRows {
+        m,
+        k: n,
+        q,
+        scale,
+        fixed,
+    }
 }
 
 thread_local! {

@@ -88,6 +88,7 @@ pub fn linear_with(
     after: After,
 ) -> candle_core::Result<(Tensor, Option<QRows>)> {
     let (k, shape) = out_shape(x, q)?;
+    check_bias(q, bias)?;
     after.check(&q.name, &shape)?;
     if !x.device().is_cpu() || (!fused() && after.extras()) {
         let y = if x.device().is_cpu() {
@@ -158,6 +159,8 @@ pub fn mlp_with(
     }
     let mut shape = hidden.clone();
     *shape.last_mut().expect("rank ≥ 1") = q2.rows();
+    check_bias(q1, b1)?;
+    check_bias(q2, b2)?;
     after.check(&q2.name, &shape)?;
     if !x.device().is_cpu() || !fused() {
         let after1 = After {
@@ -180,7 +183,7 @@ pub fn mlp_with(
             q2.packed(),
             &q2.scale,
             b2.as_deref(),
-            Act::None,
+            after.act,
             r,
             post,
         );
@@ -188,6 +191,19 @@ pub fn mlp_with(
         Ok(out)
     })?;
     Ok((Tensor::from_vec(y, shape, x.device())?, yq))
+}
+
+/// An error unless `bias` (if any) has one value per output of `q`.
+fn check_bias(q: &QTensor, bias: Option<&Tensor>) -> candle_core::Result<()> {
+    match bias {
+        Some(b) if b.elem_count() != q.rows() => candle_core::bail!(
+            "int8 linear `{}`: a bias of {:?} for {} outputs",
+            q.name,
+            b.dims(),
+            q.rows()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// `x`'s int8 rows for layer `q`: `xq` when given (checked against `x`'s shape), else `x`
@@ -200,12 +216,15 @@ fn input_rows(
     q: &QTensor,
 ) -> candle_core::Result<QRows> {
     match xq {
-        Some(a) if a.m == m && a.k == k => Ok(a),
+        Some(a) if a.m == m && a.k == k && a.fixed == q.act_scale => Ok(a),
         Some(a) => candle_core::bail!(
-            "int8 linear `{}`: int8 rows [{}, {}] for an input [{m}, {k}]",
+            "int8 linear `{}`: int8 rows [{}, {}] (static scale {:?}) for an input [{m}, {k}] \
+             (static scale {:?}); pass the rows made for this layer (`After::quantize_for`)",
             q.name,
             a.m,
-            a.k
+            a.k,
+            a.fixed,
+            q.act_scale
         ),
         None => Ok(quantize_rows(xs, m, k, q.act_scale)),
     }
@@ -422,6 +441,7 @@ fn conv_raw(
         scale: (0..shape[0] * rows)
             .map(|r| image.scale[r / rows])
             .collect(),
+        fixed: image.fixed,
     };
     Ok((gemm_f32(&a, q.packed(), &q.scale, None), shape))
 }
