@@ -1196,3 +1196,47 @@ pub fn reference(a: &[i8], b: &[i8], m: usize, n: usize, k: usize) -> Vec<i32> {
     }
     c
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_avx2_epilogue_gives_the_plain_loops_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            let mut r = crate::rng::Rng::new(31);
+            let mut f = |n: usize, s: f64| -> Vec<f32> {
+                (0..n).map(|_| (r.normal() * s) as f32).collect()
+            };
+            let rows = 32;
+            let (sa, sw, bias, res) = (f(rows, 1e-3), f(NR, 1e-3), f(NR, 1.0), f(rows * NR, 2.0));
+            let acc = f(rows * NR, 1e5);
+            let mut tile = vec![[0i32; NR]; rows];
+            for (t, a) in tile.iter_mut().flatten().zip(&acc) {
+                *t = *a as i32;
+            }
+            // Extremes: zero, the largest sums, and values where GELU saturates.
+            tile[0] = [0; NR];
+            tile[1][..4].copy_from_slice(&[i32::MAX, i32::MIN, 1, -1]);
+            for gelu in [false, true] {
+                for residual in [false, true] {
+                    let e = Epilogue {
+                        sw: &sw,
+                        bias: Some(&bias),
+                        gelu,
+                        res: residual.then_some((&res[..], NR)),
+                    };
+                    let (mut want, mut got) = (vec![0f32; rows * NR], vec![0f32; rows * NR]);
+                    // SAFETY: `rows` rows of NR values each, NR apart; AVX2 and FMA checked.
+                    unsafe {
+                        epilogue_imp(&tile, &sa, e, want.as_mut_ptr(), NR);
+                        epilogue_avx2::run(&tile, &sa, e, got.as_mut_ptr(), NR);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "gelu {gelu}, residual {residual}");
+                }
+            }
+        }
+    }
+}
