@@ -54,7 +54,7 @@ impl GradReducer {
     /// Small gradients are copied into the bucket and back (scaled by 1/world); large ones
     /// are sent from their own buffer and only copied back. A backend that can reduce the
     /// gradient buffers in place ([`Communicator::all_reduce_mean_parts`]: MPI ranks on one
-    /// machine, up to 1 MB) gets them directly.
+    /// machine) gets them directly.
     pub fn all_reduce_mean(&mut self, comm: &dyn Communicator, grads: &mut Grads) -> Result<()> {
         let world = comm.world();
         if world == 1 {

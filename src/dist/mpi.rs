@@ -31,11 +31,6 @@ const PING_TAG: c_int = 0x5718;
 const PONG_TAG: c_int = 0x5719;
 /// How long a rank waits for the answers to its pings.
 const PING_GRACE: Duration = Duration::from_secs(2);
-/// The largest all-reduce (f32 values, 1 MB) that goes through shared memory. That is where
-/// the fixed costs of messages dominate (0.34 MB: 0.04 ms against 0.08–0.14 ms; 4 MB: 0.74
-/// against 0.92 ms; 8 MB: 2.4 ms either way), and it keeps each rank's window at 2 MB, well
-/// inside a container's small `/dev/shm` (Docker's default is 64 MB).
-const SHM_MAX: usize = 1 << 18;
 /// Polls before the waiting rank starts to sleep between polls.
 const SPIN_POLLS: u32 = 20_000;
 
@@ -327,23 +322,17 @@ impl Mpi {
     }
 
     /// The all-reduce through shared memory ([`Shm`]), or `None` when the ranks are not all on
-    /// this machine or the buffer is over [`SHM_MAX`].
+    /// this machine.
     fn shm_all_reduce(&self, send: Option<&[f32]>, recv: &mut [f32]) -> Option<Result<()>> {
-        self.with_shm(recv.len(), |shm, barrier| {
-            shm.all_reduce(send, recv, barrier)
-        })
+        self.with_shm(|shm, barrier| shm.all_reduce(send, recv, barrier))
     }
 
-    /// `f` on the shared-memory window, with the communicator's timed barrier, for an
-    /// all-reduce of `n` values; `None` when there is no window or `n` is over [`SHM_MAX`].
+    /// `f` on the shared-memory window, with the communicator's timed barrier; `None` when
+    /// there is no window.
     fn with_shm(
         &self,
-        n: usize,
         f: impl FnOnce(&mut Shm, &mut dyn FnMut() -> Result<()>) -> Result<()>,
     ) -> Option<Result<()>> {
-        if n > SHM_MAX {
-            return None;
-        }
         let mut st = self.lock();
         let mut shm = st.shm.take()?;
         let res = f(&mut shm, &mut || self.timed_barrier(&mut st, "all-reduce"));
@@ -511,11 +500,8 @@ impl Communicator for Mpi {
     }
 
     fn all_reduce_mean_parts(&self, parts: &mut [&mut [f32]]) -> Option<Result<()>> {
-        let n: usize = parts.iter().map(|p| p.len()).sum();
         let scale = 1.0 / self.world as f32;
-        self.with_shm(n, |shm, barrier| {
-            shm.all_reduce_parts(parts, scale, barrier)
-        })
+        self.with_shm(|shm, barrier| shm.all_reduce_parts(parts, scale, barrier))
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {

@@ -14,9 +14,12 @@
 //! that no rank reads every slot. The reducer hands over the gradient buffers themselves, so the
 //! values go from the gradients to the slot and, summed and scaled to a mean, straight back.
 //!
+//! Larger all-reduces go through in passes of [`CHUNK`] values (1 MB), so the window stays at
+//! 2 MB per rank; their values are copied in with non-temporal stores (`stream_copy`).
+//! 45 MB over 2 ranks: 8–10 ms, against 16–18 ms for OpenMPI's ring all-reduce.
+//!
 //! NCCL does the same between the GPUs of one machine. It is used when every rank of the job is
-//! on one machine (`MPI_Comm_split_type` by shared memory), for all-reduces of up to 1 MB, where
-//! the fixed costs of messages dominate; `WICK_MPI_SHM=0` turns it off.
+//! on one machine (`MPI_Comm_split_type` by shared memory); `WICK_MPI_SHM=0` turns it off.
 
 use std::os::raw::{c_int, c_void};
 
@@ -32,6 +35,11 @@ pub const SHM_VAR: &str = "WICK_MPI_SHM";
 /// Up to this many ranks, every rank sums all slots itself after one barrier; more ranks split
 /// the sum between them ([`Shm::all_reduce_parts`]).
 pub const ONE_PHASE_MAX_WORLD: usize = 4;
+
+/// The most values one pass through the window holds (1 MB of f32): larger all-reduces go
+/// through in passes of this size. It keeps each rank's window at 2 MB, well inside a
+/// container's small `/dev/shm` (Docker's default is 64 MB).
+pub const CHUNK: usize = 1 << 18;
 
 /// A shared-memory window of `2 × cap` f32 per rank on one machine.
 pub struct Shm {
@@ -227,10 +235,52 @@ impl Shm {
     /// reaches only when done reading). More ranks split the sum (each rank adds its share of
     /// the indices, a second barrier, then every rank copies the shares out), so that no rank
     /// reads more than about twice the buffer.
+    ///
+    /// Over [`CHUNK`] values, the parts go through the window in passes of at most that many
+    /// (each an all-reduce of its own, with its barrier), so the window stays small and each
+    /// pass's values are still in cache when the ranks read them back.
     pub fn all_reduce_parts(
         &mut self,
         parts: &mut [&mut [f32]],
         scale: f32,
+        barrier: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if n <= CHUNK {
+            return self.pass(parts, scale, false, barrier);
+        }
+        // Every rank cuts the same lengths at the same places.
+        let mut pieces: Vec<&mut [f32]> = Vec::new();
+        let mut len = 0;
+        for part in parts.iter_mut() {
+            let mut rest: &mut [f32] = part;
+            while !rest.is_empty() {
+                let take = (CHUNK - len).min(rest.len());
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(take);
+                pieces.push(piece);
+                rest = tail;
+                len += take;
+                if len == CHUNK {
+                    self.pass(&mut pieces, scale, true, barrier)?;
+                    pieces.clear();
+                    len = 0;
+                }
+            }
+        }
+        if len > 0 {
+            self.pass(&mut pieces, scale, true, barrier)?;
+        }
+        Ok(())
+    }
+
+    /// One pass of [`Shm::all_reduce_parts`]: at most [`CHUNK`] values. `stream`: copy them
+    /// into the window with non-temporal stores (a large all-reduce, whose values are not in
+    /// cache anyway).
+    fn pass(
+        &mut self,
+        parts: &mut [&mut [f32]],
+        scale: f32,
+        stream: bool,
         barrier: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
         let n: usize = parts.iter().map(|p| p.len()).sum();
@@ -254,7 +304,12 @@ impl Shm {
         let mine = unsafe { std::slice::from_raw_parts_mut(self.slots[r].add(off), n) };
         let mut at = 0;
         for part in parts.iter() {
-            mine[at..at + part.len()].copy_from_slice(part);
+            let dst = &mut mine[at..at + part.len()];
+            if stream {
+                stream_copy(dst, part);
+            } else {
+                dst.copy_from_slice(part);
+            }
             at += part.len();
         }
         self.fence(barrier)?;
@@ -319,4 +374,42 @@ impl Drop for Shm {
         // SAFETY: the node communicator is live and no longer used.
         unsafe { ffi::MPI_Comm_free(&mut self.node) };
     }
+}
+
+/// `dst = src`, with non-temporal stores where the CPU has AVX-512. The window's lines were
+/// last read by the other ranks' cores; a plain store must first take each line back from
+/// their caches, which between cores that share no cache ran at 2.3 GB/s here (430 µs per
+/// MB, against 75–90 µs streamed).
+fn stream_copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "stream_copy: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F checked; equal lengths asserted.
+            unsafe { stream_copy_avx512(dst, src) };
+            return;
+        }
+    }
+    dst.copy_from_slice(src);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_copy_avx512(dst: &mut [f32], src: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = dst.len();
+    // Streaming stores need 64-byte aligned addresses: plain copies before and after.
+    let head = dst.as_ptr().align_offset(64).min(n);
+    dst[..head].copy_from_slice(&src[..head]);
+    let body = (n - head) / 16 * 16;
+    // SAFETY: `head + body <= n` for both slices; `dst + head` is 64-byte aligned.
+    unsafe {
+        let (d, s) = (dst.as_mut_ptr().add(head), src.as_ptr().add(head));
+        for i in (0..body).step_by(16) {
+            _mm512_stream_ps(d.add(i), _mm512_loadu_ps(s.add(i)));
+        }
+        // The streamed stores are ordered before the barrier's stores.
+        _mm_sfence();
+    }
+    dst[head + body..].copy_from_slice(&src[head + body..]);
 }
