@@ -5,8 +5,9 @@
 //! bandwidth (bytes of the buffer / time), as PyTorch's and NCCL's tests report it.
 //!
 //! `allreduce_bw --check` instead checks the results, on every rank and bit for bit: the
-//! in-place sum, the sum into another buffer and the DDP reducer's mean, of buffers below and
-//! above the shared-memory limit, in parts of odd lengths, over repeated rounds (each rank's
+//! in-place sum, the sum into another buffer and the DDP reducer's mean, of buffers of one and
+//! of several passes through the shared-memory window, in parts of odd lengths (with
+//! `WICK_MPI_SHM=0`: through MPI), over repeated rounds (each rank's
 //! values change every round). `tests/ddp.rs` runs it with 2, 3 and 5 ranks. Exits non-zero
 //! on a mismatch.
 
@@ -125,8 +126,8 @@ fn check(comm: &wick::dist::mpi::Mpi) -> Result<(), Box<dyn std::error::Error>> 
     };
     // Parts of the DDP reducer (one model's gradients): odd lengths, empty ones.
     let small: &[usize] = &[1, 7, 0, 1000, 4099, 3];
-    // Above the shared-memory limit (1 MB) in all: the reducer packs buckets of 2,500 values
-    // (each all-reduced through the window); the in-place sums use MPI's own all-reduce.
+    // Over one pass of the shared-memory window (1 MB) in all: several passes, one cut inside
+    // a part (with WICK_MPI_SHM=0 the reducer packs buckets of 2,500 values for MPI).
     let large: &[usize] = &[300_001, 5];
     let empty: &[usize] = &[0, 0];
     for round in 0..6 {

@@ -386,9 +386,9 @@ fn plain_mpirun_runs_a_data_parallel_job() {
 }
 
 /// The communicator's results, bit for bit on every rank, with 2, 3 and 5 ranks: in-place
-/// sums, sums into another buffer and the DDP reducer's mean over parts of odd lengths, below
-/// the shared-memory limit (2 and 3 ranks: every rank adds all slots; 5: the sum is split
-/// between the ranks) and above it (MPI's all-reduce), with and without the window.
+/// sums, sums into another buffer and the DDP reducer's mean over parts of odd lengths, in one
+/// pass through the shared-memory window and in several (2 and 3 ranks: every rank adds all
+/// slots; 5: the sum is split between the ranks), and through MPI's all-reduce without it.
 #[cfg(feature = "mpi")]
 #[test]
 fn all_reduces_give_exact_sums_on_every_rank() {
