@@ -96,6 +96,16 @@ impl Packed {
         )
     }
 
+    /// These panels when `isa`'s kernel reads them, else the same weights packed for it (the
+    /// kernels' tasks and layouts differ).
+    fn for_isa(&self, isa: Isa) -> std::borrow::Cow<'_, Packed> {
+        if self.fits(isa) {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(pack_for(&self.unpack(), self.n, self.k, isa))
+        }
+    }
+
     /// The int8 weights `[n, k]` back.
     pub fn unpack(&self) -> Vec<i8> {
         match &self.panels {
@@ -418,9 +428,7 @@ pub fn gemm_i32(a: &[i8], m: usize, b: &Packed) -> Vec<i32> {
 
 /// As [`gemm_i32`] with a chosen instruction set (tests run every one).
 pub fn gemm_i32_with(a: &[i8], m: usize, b: &Packed, isa: Isa) -> Vec<i32> {
-    if !b.fits(isa) {
-        return gemm_i32_with(a, m, &pack_for(&b.unpack(), b.n, b.k, isa), isa);
-    }
+    let b = &*b.for_isa(isa);
     let (k, kp) = (b.k, b.kp());
     assert_eq!(a.len(), m * k, "gemm: {} values for [{m}, {k}]", a.len());
     let mut q = vec![0i16; m * kp];
@@ -525,11 +533,7 @@ pub fn gemm_f32_rows(
 ) -> (Vec<f32>, Option<QRows>) {
     check(a, b, sw, bias);
     let isa = Isa::detect();
-    if !b.fits(isa) {
-        // Weights packed for another kernel (`pack_for`): the tasks below are this one's.
-        let b = pack_for(&b.unpack(), b.n, b.k, isa);
-        return gemm_f32_rows(a, &b, sw, bias, act, residual, post);
-    }
+    let b = &*b.for_isa(isa);
     let (m, n) = (a.m, b.n);
     if let Some(r) = residual {
         assert_eq!(
@@ -641,11 +645,7 @@ pub fn gemm_requantize(
 ) -> QRows {
     check(a, b, sw, bias);
     let isa = Isa::detect();
-    if !b.fits(isa) {
-        // Weights packed for another kernel (`pack_for`): the tasks below are this one's.
-        let b = pack_for(&b.unpack(), b.n, b.k, isa);
-        return gemm_requantize(a, &b, sw, bias, act, fixed);
-    }
+    let b = &*b.for_isa(isa);
     let (m, n) = (a.m, b.n);
     let block = task_rows(isa);
     if splits_panels(m, block) || n == 0 {
