@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::io::{sync_dir, write_atomic};
+use crate::io::sync_dir;
 use crate::model::{read_safetensors, tensors_to_safetensors, Param, ParamStore};
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
@@ -119,6 +119,25 @@ impl Snapshot {
     /// Writes the checkpoint directory `dir` atomically: in full to a temporary directory
     /// (each file fsynced), then swapped in by renames.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        self.write_like(dir, None)
+    }
+
+    /// Writes the snapshot to every directory of `dirs`, each atomically. The first gets the
+    /// files; the others, where the file system allows, hard links to them (the same bytes,
+    /// already on disk), so that a save to both `best` and `last` writes and fsyncs the data
+    /// once.
+    pub fn write_all(&self, dirs: &[PathBuf]) -> Result<()> {
+        let mut first: Option<&Path> = None;
+        for dir in dirs {
+            self.write_like(dir, first)?;
+            first.get_or_insert(dir);
+        }
+        Ok(())
+    }
+
+    /// As [`Snapshot::write`]; `like` is a directory this snapshot was already written to,
+    /// whose files are linked instead of written again where that works.
+    fn write_like(&self, dir: &Path, like: Option<&Path>) -> Result<()> {
         let parent = dir
             .parent()
             .ok_or_else(|| Error::Checkpoint(format!("{}: no parent directory", dir.display())))?;
@@ -135,9 +154,20 @@ impl Snapshot {
             fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        write_atomic(&tmp.join(MODEL_FILE), &self.model)?;
-        write_atomic(&tmp.join(OPTIM_FILE), &self.optim)?;
-        write_atomic(&tmp.join(STATE_FILE), &self.state)?;
+        // The temporary directory becomes the checkpoint only by the rename below, so its
+        // files need no atomic writes of their own: each is fsynced, then the directory once.
+        for (file, bytes) in [
+            (MODEL_FILE, &self.model),
+            (OPTIM_FILE, &self.optim),
+            (STATE_FILE, &self.state),
+        ] {
+            let path = tmp.join(file);
+            let linked = like.is_some_and(|l| fs::hard_link(l.join(file), &path).is_ok());
+            if !linked {
+                write_synced(&path, bytes)?;
+            }
+        }
+        sync_dir(&tmp)?;
         if dir.exists() {
             if old.exists() {
                 fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
@@ -151,6 +181,14 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+/// Creates `path` with `bytes`, fsynced.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// Writes checkpoints on a background thread, as PyTorch's `async_save` does, so that the
@@ -182,9 +220,7 @@ impl Checkpointer {
         let snap = Snapshot::capture(store, params, opt, state)?;
         self.finish()?;
         let dirs = dirs.to_vec();
-        self.pending = Some(std::thread::spawn(move || {
-            dirs.iter().try_for_each(|d| snap.write(d))
-        }));
+        self.pending = Some(std::thread::spawn(move || snap.write_all(&dirs)));
         Ok(())
     }
 
@@ -301,6 +337,52 @@ mod tests {
             assert_eq!(got.step, 3);
             assert_eq!(params2[0].var.to_vec1::<f32>().unwrap(), vec![1.5; 3]);
         }
+    }
+
+    /// A save to `best` and `last` writes the files once and links them into the second
+    /// directory; a later save to `last` alone replaces its files and leaves `best` as it was.
+    #[test]
+    fn a_save_to_two_directories_links_the_second_and_later_saves_leave_it_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, params, opt, mut st) = setup();
+        let best = tmp.path().join("best");
+        let last = tmp.path().join("last");
+        st.step = 1;
+        let mut ck = Checkpointer::new();
+        ck.save(&[best.clone(), last.clone()], &store, &params, &opt, &st)
+            .unwrap();
+        ck.finish().unwrap();
+        #[cfg(unix)]
+        for f in [MODEL_FILE, OPTIM_FILE, STATE_FILE] {
+            use std::os::unix::fs::MetadataExt;
+            let ino = |d: &Path| fs::metadata(d.join(f)).unwrap().ino();
+            assert_eq!(ino(&best), ino(&last), "{f} is linked, not written twice");
+        }
+        let best_bytes = fs::read(best.join(MODEL_FILE)).unwrap();
+        params[0]
+            .var
+            .set(&candle_core::Tensor::new(&[4f32, 5.0, 6.0], &candle_core::Device::Cpu).unwrap())
+            .unwrap();
+        st.step = 2;
+        ck.save(std::slice::from_ref(&last), &store, &params, &opt, &st)
+            .unwrap();
+        ck.finish().unwrap();
+        assert_eq!(fs::read(best.join(MODEL_FILE)).unwrap(), best_bytes);
+        assert_eq!(read_state(&best).unwrap().step, 1);
+        assert_eq!(read_state(&last).unwrap().step, 2);
+        let (store2, params2, mut opt2, _) = setup();
+        load(&last, &store2, &params2, &mut opt2).unwrap();
+        assert_eq!(
+            params2[0].var.to_vec1::<f32>().unwrap(),
+            vec![4.0, 5.0, 6.0]
+        );
+        // No temporary or previous directories are left behind.
+        let mut names: Vec<String> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["best", "last"]);
     }
 
     #[test]
