@@ -7,7 +7,9 @@
 # all-reduce and the per-step stop vote, waiting for the other rank included), a figure the
 # machine's drifting speed does not skew. Needs OpenMPI (scripts/fetch-mpi.sh). EPOCHS_MLP / EPOCHS_RESNET shorten it.
 # WICK_PREBUILT=DIR takes wick, synthetic_data and allreduce_bw from DIR instead of building
-# them (for a machine without Rust). SKIP_RESNET=1 leaves ResNet-18 out.
+# them (for a machine without Rust). SKIP_RESNET=1 leaves ResNet-18 out. ROUNDS=N repeats each
+# comparison N times, alternating its runs, and prints medians (this VM's speed drifts by
+# ±20% between runs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -n "${WICK_PREBUILT:-}" ]; then
@@ -56,23 +58,36 @@ if [ ${#PINS[@]} -ge 2 ]; then
     LAUNCH+=(--mpi-arg=--cpu-set --mpi-arg="${PINS[0]},${PINS[1]}" --mpi-arg=--bind-to --mpi-arg=core)
 fi
 
-compare() { # NAME CONFIG SETS...
+compare() { # NAME CONFIG SETS...: ROUNDS rounds (default 1), alternating the three kinds of run
     local name=$1 cfg=$2; shift 2
-    on 0 "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-1" "$@" >/dev/null
-    "${LAUNCH[@]}" -- train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-2" "$@" >/dev/null
-    # The machine's own ceiling: two independent 1-rank runs at once, no communication.
-    on 0 "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-a" "$@" >/dev/null &
-    on 1 "$W" train "$cfg" --threads 1 --quiet --run-dir "$OUT/$name-b" "$@" >/dev/null
-    wait
-    python3 - "$name" "$OUT/$name" <<'PY'
-import json, sys
-j = lambda s: json.load(open(f"{sys.argv[2]}-{s}/summary.json"))
-r = lambda s: j(s)["train_samples_per_s"]
-one, two, both = r("1"), r("2"), r("a") + r("b")
-comm = j("2")["comm_time_s"] / j("2")["train_time_s"]
-print(f"{sys.argv[1]:<28} 1 rank {one:9.1f}/s  2 ranks {two:9.1f}/s  scaling {two/one:.2f}x"
-      f"  | 2 independent runs {both:9.1f}/s = {both/one:.2f}x (the machine's ceiling)"
-      f"  | communication {100*comm:.1f}% of rank 0's step time")
+    local k
+    for k in $(seq "${ROUNDS:-1}"); do
+        local d="$OUT/$name-r$k"
+        on 0 "$W" train "$cfg" --threads 1 --quiet --run-dir "$d-1" "$@" >/dev/null
+        "${LAUNCH[@]}" -- train "$cfg" --threads 1 --quiet --run-dir "$d-2" "$@" >/dev/null
+        # The machine's own ceiling: two independent 1-rank runs at once, no communication.
+        on 0 "$W" train "$cfg" --threads 1 --quiet --run-dir "$d-a" "$@" >/dev/null &
+        on 1 "$W" train "$cfg" --threads 1 --quiet --run-dir "$d-b" "$@" >/dev/null
+        wait
+    done
+    python3 - "$name" "$OUT/$name" "${ROUNDS:-1}" <<'PY'
+import json, statistics, sys
+name, base, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+j = lambda k, s: json.load(open(f"{base}-r{k}-{s}/summary.json"))
+r = lambda k, s: j(k, s)["train_samples_per_s"]
+ks = range(1, rounds + 1)
+one = [r(k, "1") for k in ks]
+two = [r(k, "2") for k in ks]
+both = [r(k, "a") + r(k, "b") for k in ks]
+comm = [j(k, "2")["comm_time_s"] / j(k, "2")["train_time_s"] for k in ks]
+med = statistics.median
+def ratio(xs):  # median of the round-by-round ratios to the single rank, and their range
+    rs = [x / o for x, o in zip(xs, one)]
+    return f"{med(rs):.2f}x" + (f" ({min(rs):.2f}-{max(rs):.2f})" if rounds > 1 else "")
+print(f"{name:<28} 1 rank {med(one):9.1f}/s  2 ranks {med(two):9.1f}/s  scaling {ratio(two)}"
+      f"  | 2 independent runs {med(both):9.1f}/s = {ratio(both)} (the machine's ceiling)"
+      f"  | communication {100*med(comm):.1f}% of rank 0's step time"
+      + (f"  [medians of {rounds} rounds]" if rounds > 1 else ""))
 PY
 }
 echo "== throughput, 1 thread per rank"
