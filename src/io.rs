@@ -14,16 +14,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .ok_or_else(|| Error::Checkpoint(format!("{}: not a file path", path.display())))?;
     let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
+    write_synced(&tmp, bytes)?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     if let Some(dir) = dir {
         sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Creates (or truncates) `path` with `bytes`, fsynced; not atomic by itself (a file inside a
+/// directory that is then renamed into place, or [`write_atomic`]'s temporary file).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// fsyncs a directory so that renames inside it are durable.

@@ -7,8 +7,8 @@
 //!   enters a collective: when the deadline passes, the peers whose token has not come never
 //!   reached it;
 //! - if every peer arrived, the waiting rank pings them all: a rank waiting in a collective
-//!   answers pings, so the peers that stay silent for a grace period (2 s) are the ones that died or
-//!   hang inside the collective.
+//!   answers pings, so the peers that stay silent for `PING_GRACE` (2 s) are the ones that
+//!   died or hang inside the collective.
 
 use std::os::raw::{c_int, c_void};
 use std::sync::{Mutex, MutexGuard};

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::io::sync_dir;
+use crate::io::{sync_dir, write_synced};
 use crate::model::{read_safetensors, tensors_to_safetensors, Param, ParamStore};
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
@@ -181,14 +181,6 @@ impl Snapshot {
         }
         Ok(())
     }
-}
-
-/// Creates `path` with `bytes`, fsynced.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// Writes checkpoints on a background thread, as PyTorch's `async_save` does, so that the
