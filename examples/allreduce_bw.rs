@@ -8,7 +8,9 @@
 //! in-place sum, the sum into another buffer and the DDP reducer's mean, of buffers of one and
 //! of several passes through the shared-memory window, in parts of odd lengths (with
 //! `WICK_MPI_SHM=0`: through MPI), over repeated rounds (each rank's
-//! values change every round). `tests/ddp.rs` runs it with 2, 3 and 5 ranks. Exits non-zero
+//! values change every round). The reducer keeps its gradients from round to round, as in
+//! training, so with up to 4 ranks the small ones live in shared gradient memory
+//! (`wick::dist::shared`) and alternate between its two buffers. `tests/ddp.rs` runs it with 2, 3 and 5 ranks. Exits non-zero
 //! on a mismatch.
 
 #[cfg(feature = "mpi")]
@@ -29,10 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let comm = wick::dist::mpi::Mpi::init(300.0)?;
     let mut buf: Vec<f32> = (0..n).map(|i| (i % 97) as f32).collect();
     let mut reducer = wick::dist::GradReducer::new(25.0);
-    let mut grads = wick::model::Grads {
-        names: vec!["g".into()],
-        bufs: vec![buf.clone()],
-    };
+    let mut grads = wick::model::Grads::from_vecs(vec!["g".into()], vec![buf.clone()]);
     // About a second of work at 2 GB/s, at least 10 rounds.
     let iters = ((2e9 / (n.max(1) * 4) as f64) as usize).clamp(10, 20_000);
     // Warm-up, then time.
@@ -43,6 +42,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         comm.all_reduce_sum(&mut buf)?;
     }
     let one = t.elapsed().as_secs_f64() / iters as f64;
+    // Its first call may set up shared gradient memory.
+    reducer.all_reduce_mean(&comm, &mut grads)?;
     comm.barrier()?;
     let t = Instant::now();
     for _ in 0..iters {
@@ -68,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if comm.rank() == 0 {
         let bytes = (n * 4) as f64;
         println!(
-            "{} ranks, {:.1} MB of f32:\n  all-reduce, one buffer   {:8.3} ms  {:6.2} GB/s\n  all-reduce, 25 MB buckets {:7.3} ms  {:6.2} GB/s\n  memcpy                   {:8.3} ms  {:6.2} GB/s\n  all-reduce of 2 f64      {:8.4} ms",
+            "{} ranks, {:.1} MB of f32:\n  all-reduce, one buffer   {:8.3} ms  {:6.2} GB/s\n  all-reduce, DDP reducer   {:7.3} ms  {:6.2} GB/s\n  memcpy                   {:8.3} ms  {:6.2} GB/s\n  all-reduce of 2 f64      {:8.4} ms",
             comm.world(),
             bytes / 1e6,
             one * 1e3,
@@ -130,6 +131,17 @@ fn check(comm: &wick::dist::mpi::Mpi) -> Result<(), Box<dyn std::error::Error>> 
     // a part (with WICK_MPI_SHM=0 the reducer packs buckets of 2,500 values for MPI).
     let large: &[usize] = &[300_001, 5];
     let empty: &[usize] = &[0, 0];
+    let mut reducers: Vec<(wick::dist::GradReducer, wick::model::Grads)> = [small, large, empty]
+        .iter()
+        .map(|lens| {
+            let names = lens.iter().map(|n| format!("p{n}")).collect();
+            let bufs = lens.iter().map(|&n| vec![0.0; n]).collect();
+            (
+                wick::dist::GradReducer::new(0.01),
+                wick::model::Grads::from_vecs(names, bufs),
+            )
+        })
+        .collect();
     for round in 0..6 {
         let whole = round != 5;
         for &n in &[0usize, 1, 4096 + 5, 300_001] {
@@ -150,23 +162,20 @@ fn check(comm: &wick::dist::mpi::Mpi) -> Result<(), Box<dyn std::error::Error>> 
                 whole,
             )?;
         }
-        for lens in [small, large, empty] {
+        // The same reducer and gradients every round, as in training: the first all-reduce
+        // may move the gradients into shared memory, whose two buffers then alternate.
+        for (lens, (reducer, grads)) in [small, large, empty].iter().zip(reducers.iter_mut()) {
             key += 1;
-            let mut reducer = wick::dist::GradReducer::new(0.01);
-            let mut grads = wick::model::Grads {
-                names: lens.iter().map(|n| format!("p{n}")).collect(),
-                bufs: Vec::new(),
-            };
             let mut at = 0;
-            for &n in lens {
-                grads
-                    .bufs
-                    .push((at..at + n).map(|i| value(rank, i, key, whole)).collect());
+            for (b, &n) in grads.bufs_mut().into_iter().zip(lens.iter()) {
+                for (i, v) in b.iter_mut().enumerate() {
+                    *v = value(rank, at + i, key, whole);
+                }
                 at += n;
             }
-            reducer.all_reduce_mean(comm, &mut grads)?;
+            reducer.all_reduce_mean(comm, grads)?;
             let mut at = 0;
-            for (b, &n) in grads.bufs.iter().zip(lens) {
+            for (b, &n) in grads.bufs().zip(lens.iter()) {
                 let base = at;
                 let mean = |i: usize| {
                     (0..world)

@@ -32,6 +32,8 @@ pub struct GradReducer {
     send: Vec<f32>,
     recv: Vec<f32>,
     cap: usize,
+    /// Whether the communicator was asked for shared gradient memory yet.
+    asked_shared: bool,
 }
 
 impl GradReducer {
@@ -41,6 +43,7 @@ impl GradReducer {
             send: Vec::new(),
             recv: Vec::new(),
             cap: ((bucket_mb * 1e6 / 4.0) as usize).max(1),
+            asked_shared: false,
         }
     }
 
@@ -54,14 +57,25 @@ impl GradReducer {
     /// Small gradients are copied into the bucket and back (scaled by 1/world); large ones
     /// are sent from their own buffer and only copied back. A backend that can reduce the
     /// gradient buffers in place ([`Communicator::all_reduce_mean_parts`]: MPI ranks on one
-    /// machine) gets them directly.
+    /// machine) gets them directly. The first call asks the communicator for shared gradient
+    /// memory ([`Communicator::shared_grads`]: MPI ranks on one machine, small models) and
+    /// moves `grads` there, so that later calls read them where backward wrote them.
     pub fn all_reduce_mean(&mut self, comm: &dyn Communicator, grads: &mut Grads) -> Result<()> {
         let world = comm.world();
         if world == 1 {
             return Ok(());
         }
+        if !self.asked_shared {
+            self.asked_shared = true;
+            if let Some(shared) = comm.shared_grads(grads.flat().len()) {
+                grads.place_in(shared?);
+            }
+        }
+        if let Some(shared) = grads.shared_mut() {
+            return comm.all_reduce_mean_shared(shared);
+        }
         // Ranks on one machine: the gradients go to shared memory and back, no bucket.
-        let mut parts: Vec<&mut [f32]> = grads.bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let mut parts = grads.bufs_mut();
         if let Some(res) = comm.all_reduce_mean_parts(&mut parts) {
             return res;
         }
@@ -81,7 +95,7 @@ impl GradReducer {
             comm.all_reduce_sum_into(send, &mut recv[..send.len()])?;
             let mut at = 0;
             for &(i, off, len) in pieces.iter() {
-                for (g, r) in grads.bufs[i][off..off + len]
+                for (g, r) in grads.buf_mut(i)[off..off + len]
                     .iter_mut()
                     .zip(&recv[at..at + len])
                 {
@@ -93,20 +107,17 @@ impl GradReducer {
             pieces.clear();
             Ok(())
         };
-        for i in 0..grads.bufs.len() {
+        for i in 0..grads.len() {
             let mut off = 0;
-            let n = grads.bufs[i].len();
+            let n = grads.buf(i).len();
             if n >= DIRECT_MIN {
                 // Large enough to be its own message: sent straight from the gradient buffer
                 // (in pieces of at most a bucket), which saves a copy.
                 while off < n {
                     let len = cap.min(n - off);
                     self.recv.resize(len.max(self.recv.len()), 0.0);
-                    comm.all_reduce_sum_into(
-                        &grads.bufs[i][off..off + len],
-                        &mut self.recv[..len],
-                    )?;
-                    for (g, r) in grads.bufs[i][off..off + len].iter_mut().zip(&self.recv) {
+                    comm.all_reduce_sum_into(&grads.buf(i)[off..off + len], &mut self.recv[..len])?;
+                    for (g, r) in grads.buf_mut(i)[off..off + len].iter_mut().zip(&self.recv) {
                         *g = r * inv;
                     }
                     off += len;
@@ -115,7 +126,7 @@ impl GradReducer {
             }
             while off < n {
                 let len = (cap - self.send.len()).min(n - off);
-                self.send.extend_from_slice(&grads.bufs[i][off..off + len]);
+                self.send.extend_from_slice(&grads.buf(i)[off..off + len]);
                 pieces.push((i, off, len));
                 off += len;
                 if self.send.len() == cap {
@@ -210,26 +221,26 @@ mod tests {
 
     #[test]
     fn buckets_split_and_restore_every_gradient() {
-        let mut g = Grads {
-            names: vec!["a".into(), "b".into(), "c".into(), "d".into()],
-            bufs: vec![
+        let mut g = Grads::from_vecs(
+            vec!["a".into(), "b".into(), "c".into(), "d".into()],
+            vec![
                 (0..7).map(|v| v as f32).collect(),
                 vec![],
                 (0..13).map(|v| -(v as f32)).collect(),
                 (0..DIRECT_MIN + 5).map(|v| (v % 101) as f32).collect(),
             ],
-        };
-        let want = g.bufs.clone();
+        );
+        let want = g.flat().to_vec();
         // 3 values per bucket: parameters are cut across buckets.
         let mut r = GradReducer::new(12e-6);
         assert_eq!(r.bucket_len(), 3);
         r.all_reduce_mean(&Twin, &mut g).unwrap();
-        assert_eq!(g.bufs, want);
+        assert_eq!(g.flat(), want);
         let mut doubled = g.clone();
-        doubled.bufs[0][3] = 10.0;
+        doubled.buf_mut(0)[3] = 10.0;
         let mut r = GradReducer::new(25.0);
         r.all_reduce_mean(&Twin, &mut doubled).unwrap();
-        assert_eq!(doubled.bufs[0][3], 10.0);
+        assert_eq!(doubled.buf(0)[3], 10.0);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod local;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod shared;
 #[cfg(feature = "mpi")]
 pub mod shm;
 
@@ -51,6 +52,18 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_mean_parts(&self, parts: &mut [&mut [f32]]) -> Option<Result<()>> {
         let _ = parts;
         None
+    }
+    /// Memory for this rank's `len` gradient values that every rank can read directly
+    /// ([`shared`]), or `None` when this backend has none (the default). Collective: every
+    /// rank passes the same `len`.
+    fn shared_grads(&self, len: usize) -> Option<Result<shared::SharedGrads>> {
+        let _ = len;
+        None
+    }
+    /// The mean over all ranks of `grads`, which [`Communicator::shared_grads`] made.
+    /// Collective.
+    fn all_reduce_mean_shared(&self, grads: &mut shared::SharedGrads) -> Result<()> {
+        grads.reduce_mean(&mut || self.barrier())
     }
     /// Element-wise sum over all ranks, in place, in f64 (for metrics and counters).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;

@@ -505,6 +505,23 @@ impl Communicator for Mpi {
         self.with_shm(|shm, barrier| shm.all_reduce_parts(parts, scale, barrier))
     }
 
+    fn shared_grads(&self, len: usize) -> Option<Result<super::shared::SharedGrads>> {
+        // Only where the window all-reduce runs (every rank on this machine, not turned off),
+        // for models whose gradients fit one pass of it, with the one-barrier sum.
+        let eligible = self.lock().shm.is_some()
+            && self.world <= super::shm::ONE_PHASE_MAX_WORLD
+            && (1..=super::shm::CHUNK).contains(&len);
+        if !eligible {
+            return None;
+        }
+        super::shared::create(self, len).transpose()
+    }
+
+    fn all_reduce_mean_shared(&self, grads: &mut super::shared::SharedGrads) -> Result<()> {
+        let mut st = self.lock();
+        grads.reduce_mean(&mut || self.timed_barrier(&mut st, "all-reduce"))
+    }
+
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
         // MPI's send and receive buffers must differ (metrics: a few values).
         let send = buf.to_vec();

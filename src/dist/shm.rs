@@ -18,6 +18,9 @@
 //! 2 MB per rank; their values are copied in with non-temporal stores (`stream_copy`).
 //! 45 MB over 2 ranks: 8–10 ms, against 14–19 ms for OpenMPI's ring all-reduce.
 //!
+//! The DDP reducer skips the copy-in for small models: their gradients live in shared memory
+//! of their own ([`super::shared`]), which the other ranks read in place.
+//!
 //! NCCL does the same between the GPUs of one machine. It is used when every rank of the job is
 //! on one machine (`MPI_Comm_split_type` by shared memory); `WICK_MPI_SHM=0` turns it off.
 

@@ -333,7 +333,7 @@ mod tests {
             (l1 - l2).abs() < 1e-5 * l2.abs().max(1.0),
             "loss {l1} vs {l2}"
         );
-        for (name, (a, b)) in g1.names.iter().zip(g1.bufs.iter().zip(&g2.bufs)) {
+        for (name, (a, b)) in g1.names.iter().zip(g1.bufs().zip(g2.bufs())) {
             let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
             for (x, y) in a.iter().zip(b) {
                 assert!(

@@ -33,6 +33,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{ModelConfig, ModelKind, Task};
 use crate::data::{Batch, Schema};
+use crate::dist::shared::SharedGrads;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -195,54 +196,185 @@ impl ModelCtx {
 /// Gradient buffers, one flat f32 vector per trainable parameter, in the order of
 /// [`ParamStore::trainable`]. This is the form the optimizer, clipping, accumulation and
 /// data-parallel reduction work on.
-#[derive(Debug, Clone)]
+///
+/// The buffers lie end to end in one allocation. Under data-parallel training on one machine
+/// that allocation is memory the other ranks can read ([`SharedGrads`]), so the gradient
+/// all-reduce reads them where backward wrote them, with no copy.
 pub struct Grads {
     pub names: Vec<String>,
-    pub bufs: Vec<Vec<f32>>,
+    /// Where each parameter's values start in the allocation, and the total at the end.
+    offsets: Vec<usize>,
+    mem: GradMem,
+}
+
+enum GradMem {
+    Heap(Vec<f32>),
+    Shared(SharedGrads),
 }
 
 impl Grads {
     /// Zeroed buffers for `params`.
     pub fn zeros(params: &[Param]) -> Self {
-        Self {
-            names: params.iter().map(|p| p.name.clone()).collect(),
-            bufs: params
-                .iter()
-                .map(|p| vec![0.0; p.var.elem_count()])
-                .collect(),
+        Self::from_lens(
+            params.iter().map(|p| p.name.clone()).collect(),
+            params.iter().map(|p| p.var.elem_count()),
+        )
+    }
+
+    /// Buffers named `names` holding `bufs` (one per name).
+    pub fn from_vecs(names: Vec<String>, bufs: Vec<Vec<f32>>) -> Self {
+        assert_eq!(names.len(), bufs.len(), "one gradient buffer per name");
+        let mut g = Self::from_lens(names, bufs.iter().map(Vec::len));
+        g.flat_mut().copy_from_slice(&bufs.concat());
+        g
+    }
+
+    fn from_lens(names: Vec<String>, lens: impl Iterator<Item = usize>) -> Self {
+        let mut offsets = vec![0];
+        for n in lens {
+            offsets.push(offsets.last().unwrap() + n);
         }
+        let total = *offsets.last().unwrap();
+        Self {
+            names,
+            offsets,
+            mem: GradMem::Heap(vec![0.0; total]),
+        }
+    }
+
+    /// Number of buffers (trainable parameters).
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every value, the buffers end to end.
+    pub fn flat(&self) -> &[f32] {
+        let n = self.offsets[self.offsets.len() - 1];
+        match &self.mem {
+            GradMem::Heap(v) => v,
+            // SAFETY: this rank's current buffer of `n` values, which only this rank writes and
+            // no other rank reads until the next all-reduce (see `SharedGrads`).
+            GradMem::Shared(s) => unsafe { std::slice::from_raw_parts(s.current(), n) },
+        }
+    }
+
+    /// Every value, the buffers end to end.
+    pub fn flat_mut(&mut self) -> &mut [f32] {
+        let n = self.offsets[self.offsets.len() - 1];
+        match &mut self.mem {
+            GradMem::Heap(v) => v,
+            // SAFETY: as in `flat`; `&mut self` makes this the only reference in this process.
+            GradMem::Shared(s) => unsafe { std::slice::from_raw_parts_mut(s.current(), n) },
+        }
+    }
+
+    /// The buffer of parameter `i`.
+    pub fn buf(&self, i: usize) -> &[f32] {
+        &self.flat()[self.offsets[i]..self.offsets[i + 1]]
+    }
+
+    /// The buffer of parameter `i`.
+    pub fn buf_mut(&mut self, i: usize) -> &mut [f32] {
+        let (lo, hi) = (self.offsets[i], self.offsets[i + 1]);
+        &mut self.flat_mut()[lo..hi]
+    }
+
+    /// The buffers, in parameter order.
+    pub fn bufs(&self) -> impl ExactSizeIterator<Item = &[f32]> + '_ {
+        let flat = self.flat();
+        self.offsets.windows(2).map(move |w| &flat[w[0]..w[1]])
+    }
+
+    /// The buffers, in parameter order.
+    pub fn bufs_mut(&mut self) -> Vec<&mut [f32]> {
+        let lens: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        let mut rest = self.flat_mut();
+        let mut out = Vec::with_capacity(lens.len());
+        for n in lens {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            out.push(head);
+            rest = tail;
+        }
+        out
     }
 
     pub fn zero(&mut self) {
         use rayon::prelude::*;
-        self.bufs
-            .par_iter_mut()
+        self.bufs_mut()
+            .into_par_iter()
             .with_min_len(8)
             .for_each(|b| b.fill(0.0));
     }
 
     /// The buffer of parameter `name`.
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut Vec<f32>> {
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut [f32]> {
         let i = self.names.iter().position(|n| n == name)?;
-        Some(&mut self.bufs[i])
+        Some(self.buf_mut(i))
     }
 
     /// Global L2 norm (accumulated in f64, in parameter order).
     pub fn norm(&self) -> f64 {
-        self.bufs
+        self.flat()
             .iter()
-            .flat_map(|b| b.iter())
             .map(|&g| (g as f64) * (g as f64))
             .sum::<f64>()
             .sqrt()
     }
 
     pub fn scale(&mut self, s: f32) {
-        self.bufs.iter_mut().flatten().for_each(|g| *g *= s);
+        self.flat_mut().iter_mut().for_each(|g| *g *= s);
     }
 
     pub fn is_finite(&self) -> bool {
-        self.bufs.iter().flatten().all(|g| g.is_finite())
+        self.flat().iter().all(|g| g.is_finite())
+    }
+
+    /// Moves the values into `shared`, where the other ranks can read them; later all-reduces
+    /// go through [`Grads::shared_mut`].
+    pub fn place_in(&mut self, shared: SharedGrads) {
+        assert_eq!(
+            shared.len(),
+            self.flat().len(),
+            "shared gradient memory of the wrong size"
+        );
+        // SAFETY: the current buffer of `shared`, which no other rank reads before the first
+        // all-reduce.
+        unsafe { std::slice::from_raw_parts_mut(shared.current(), shared.len()) }
+            .copy_from_slice(self.flat());
+        self.mem = GradMem::Shared(shared);
+    }
+
+    /// The shared memory the buffers live in, when they were placed there.
+    pub fn shared_mut(&mut self) -> Option<&mut SharedGrads> {
+        match &mut self.mem {
+            GradMem::Shared(s) => Some(s),
+            GradMem::Heap(_) => None,
+        }
+    }
+}
+
+impl Clone for Grads {
+    /// A copy of the values in memory of its own.
+    fn clone(&self) -> Self {
+        Self {
+            names: self.names.clone(),
+            offsets: self.offsets.clone(),
+            mem: GradMem::Heap(self.flat().to_vec()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Grads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grads")
+            .field("names", &self.names)
+            .field("values", &self.flat().len())
+            .field("shared", &matches!(self.mem, GradMem::Shared(_)))
+            .finish()
     }
 }
 
@@ -318,7 +450,7 @@ pub fn autograd_loss_and_grad<M: Model + ?Sized>(
     let out = model.forward(&batch.x, ctx)?;
     let l = loss.compute(&out, &batch.y)?;
     let gs = l.backward()?;
-    let add = |(p, buf): (&Param, &mut Vec<f32>)| -> Result<()> {
+    let add = |(p, buf): (&Param, &mut [f32])| -> Result<()> {
         let Some(g) = gs.get(p.var.as_tensor()) else {
             return Ok(());
         };
@@ -341,7 +473,7 @@ pub fn autograd_loss_and_grad<M: Model + ?Sized>(
     use rayon::prelude::*;
     params
         .par_iter()
-        .zip(grads.bufs.par_iter_mut())
+        .zip(grads.bufs_mut().into_par_iter())
         .with_min_len(8)
         .try_for_each(add)?;
     Ok(l.to_scalar::<f32>()? as f64)

@@ -391,9 +391,8 @@ mod tests {
             let mut ga = Grads::zeros(&pa);
             let mut gb = Grads::zeros(&pb);
             // Non-zero starting gradients: both paths add into them.
-            for g in ga.bufs.iter_mut().chain(gb.bufs.iter_mut()) {
-                g.iter_mut().for_each(|v| *v = 0.25);
-            }
+            ga.flat_mut().fill(0.25);
+            gb.flat_mut().fill(0.25);
             let mut ctx = ModelCtx::train(0, 0);
             assert!(a.native_step(&batch, Loss::CrossEntropy, &ctx));
             let la = a.native_loss_and_grad(&batch, &mut ga, 0.5).unwrap();
@@ -404,7 +403,7 @@ mod tests {
                 (la - lb).abs() < 1e-5 * lb.abs().max(1.0),
                 "loss {la} vs {lb}"
             );
-            for ((name, x), y) in ga.names.iter().zip(&ga.bufs).zip(&gb.bufs) {
+            for ((name, x), y) in ga.names.iter().zip(ga.bufs()).zip(gb.bufs()) {
                 let diff = x
                     .iter()
                     .zip(y)

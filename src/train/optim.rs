@@ -56,15 +56,15 @@ impl Optimizer {
         let wd_all = self.cfg.weight_decay();
         let cfg = &self.cfg;
         let step = self.step;
-        let work: Vec<(usize, &Param, &Vec<f32>, &mut ParamState)> = params
+        let work: Vec<(usize, &Param, &[f32], &mut ParamState)> = params
             .iter()
-            .zip(&grads.bufs)
+            .zip(grads.bufs())
             .zip(self.state.iter_mut())
             .enumerate()
             .map(|(i, ((p, g), st))| (i, p, g, st))
             .collect();
         let decay = &self.decay;
-        let update = |(i, p, g, st): (usize, &Param, &Vec<f32>, &mut ParamState)| -> Result<()> {
+        let update = |(i, p, g, st): (usize, &Param, &[f32], &mut ParamState)| -> Result<()> {
             let wd = if decay[i] { wd_all } else { 0.0 };
             match cfg.kind {
                 OptimKind::Adamw => {
@@ -108,7 +108,7 @@ impl Optimizer {
                 }
             }
         };
-        let total: usize = grads.bufs.iter().map(Vec::len).sum();
+        let total = grads.flat().len();
         if total >= PARALLEL_MIN_PARAMS && rayon::current_num_threads() > 1 {
             work.into_par_iter().try_for_each(update)
         } else {
@@ -311,14 +311,14 @@ mod tests {
         let cfg = OptimConfig::default();
         let mut opt = Optimizer::new(&OptimConfig { lr: 0.1, ..cfg }, &p);
         let mut g = Grads::zeros(&p);
-        g.bufs[0] = vec![0.5, 0.25];
+        g.buf_mut(0).copy_from_slice(&[0.5, 0.25]);
         opt.step(&p, &g, 0.1).unwrap();
         let w = p[0].var.to_vec1::<f32>().unwrap();
         assert!(
             (w[0] - 0.899).abs() < 1e-5 && (w[1] - -2.098).abs() < 1e-5,
             "{w:?}"
         );
-        g.bufs[0] = vec![-1.0, 2.0];
+        g.buf_mut(0).copy_from_slice(&[-1.0, 2.0]);
         opt.step(&p, &g, 0.1).unwrap();
         let w2 = p[0].var.to_vec1::<f32>().unwrap();
         let (b1, b2, lr, wd, eps) = (0.9f64, 0.999f64, 0.1f64, 0.01f64, 1e-8f64);
@@ -353,7 +353,7 @@ mod tests {
         };
         let mut opt = Optimizer::new(&cfg, &p);
         let mut g = Grads::zeros(&p);
-        g.bufs[0] = vec![1.0];
+        g.buf_mut(0).copy_from_slice(&[1.0]);
         opt.step(&p, &g, 0.5).unwrap();
         // d = 1 + 0.1*1 = 1.1; buf = 1.1; d = 1.1 + 0.9*1.1 = 2.09; w = 1 - 0.5*2.09
         let w = p[0].var.to_vec1::<f32>().unwrap()[0];
@@ -376,7 +376,7 @@ mod tests {
         let p = store.trainable();
         let mut opt = Optimizer::new(&OptimConfig::default(), &p);
         let mut g = Grads::zeros(&p);
-        g.bufs[0] = vec![0.1, 0.2, 0.3];
+        g.buf_mut(0).copy_from_slice(&[0.1, 0.2, 0.3]);
         opt.step(&p, &g, 0.01).unwrap();
         let saved: BTreeMap<String, Tensor> = opt.state_tensors(&p).unwrap().into_iter().collect();
         let mut opt2 = Optimizer::new(&OptimConfig::default(), &p);
@@ -390,7 +390,7 @@ mod tests {
     fn clipping_bounds_the_norm() {
         let p = [param(&[0.0, 0.0])];
         let mut g = Grads::zeros(&p);
-        g.bufs[0] = vec![3.0, 4.0];
+        g.buf_mut(0).copy_from_slice(&[3.0, 4.0]);
         let n = clip_grad_norm(&mut g, 1.0);
         assert!((n - 5.0).abs() < 1e-9);
         assert!((g.norm() - 1.0).abs() < 1e-5);
