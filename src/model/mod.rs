@@ -193,7 +193,7 @@ impl ModelCtx {
     }
 }
 
-/// Gradient buffers, one flat f32 vector per trainable parameter, in the order of
+/// Gradient buffers, one f32 buffer per trainable parameter, in the order of
 /// [`ParamStore::trainable`]. This is the form the optimizer, clipping, accumulation and
 /// data-parallel reduction work on.
 ///
@@ -335,7 +335,7 @@ impl Grads {
 
     /// Moves the values into `shared`, where the other ranks can read them; later all-reduces
     /// go through [`Grads::shared_mut`].
-    pub fn place_in(&mut self, shared: SharedGrads) {
+    pub(crate) fn place_in(&mut self, shared: SharedGrads) {
         assert_eq!(
             shared.len(),
             self.flat().len(),
@@ -349,7 +349,7 @@ impl Grads {
     }
 
     /// The shared memory the buffers live in, when they were placed there.
-    pub fn shared_mut(&mut self) -> Option<&mut SharedGrads> {
+    pub(crate) fn shared_mut(&mut self) -> Option<&mut SharedGrads> {
         match &mut self.mem {
             GradMem::Shared(s) => Some(s),
             GradMem::Heap(_) => None,
