@@ -10,8 +10,8 @@
 //! `WICK_MPI_SHM=0`: through MPI), over repeated rounds (each rank's
 //! values change every round). The reducer keeps its gradients from round to round, as in
 //! training, so with up to 4 ranks the small ones live in shared gradient memory
-//! (`wick::dist::shared`) and alternate between its two buffers. `tests/ddp.rs` runs it with 2, 3 and 5 ranks. Exits non-zero
-//! on a mismatch.
+//! (`wick::dist::shared`) and alternate between its two buffers. `tests/ddp.rs` runs it
+//! with 2, 3 and 5 ranks. Exits non-zero on a mismatch.
 
 #[cfg(feature = "mpi")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
