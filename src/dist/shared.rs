@@ -100,23 +100,30 @@ impl SharedGrads {
             // SAFETY: as above.
             unsafe { std::slice::from_raw_parts(s.ptr(q, cur), s.len) }
         };
-        if s.world == 2 {
-            // The common case, in one vectorisable pass.
-            for ((v, a), b) in dst.iter_mut().zip(src(0)).zip(src(1)) {
-                *v = (a + b) * scale;
-            }
-        } else {
-            let srcs: Vec<&[f32]> = (0..s.world).map(src).collect();
-            for (i, v) in dst.iter_mut().enumerate() {
-                let mut sum = srcs[0][i];
-                for r in &srcs[1..] {
-                    sum += r[i];
-                }
-                *v = sum * scale;
-            }
-        }
+        let srcs: Vec<&[f32]> = (0..s.world).map(src).collect();
+        sum_scaled(dst, &srcs, scale);
         self.turn = next;
         Ok(())
+    }
+}
+
+/// `dst[i] = (srcs[0][i] + srcs[1][i] + …) × scale`, added in the order of `srcs` (rank
+/// order), so every rank that sums the same slices gets the same bits. The window all-reduce
+/// (`shm.rs`) and [`SharedGrads`] both sum through it.
+pub(crate) fn sum_scaled(dst: &mut [f32], srcs: &[&[f32]], scale: f32) {
+    if let [a, b] = srcs {
+        // Two ranks (the common case) in one vectorisable pass.
+        for ((v, a), b) in dst.iter_mut().zip(*a).zip(*b) {
+            *v = (a + b) * scale;
+        }
+        return;
+    }
+    for (i, v) in dst.iter_mut().enumerate() {
+        let mut sum = srcs[0][i];
+        for r in &srcs[1..] {
+            sum += r[i];
+        }
+        *v = sum * scale;
     }
 }
 

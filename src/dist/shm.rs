@@ -30,6 +30,7 @@ use mpi::ffi;
 
 use super::ddp::shard;
 use super::mpi::check;
+use super::shared::sum_scaled;
 use crate::{Error, Result};
 
 /// The environment variable that turns the shared-memory path off (`0`).
@@ -326,21 +327,8 @@ impl Shm {
             let mut at = 0;
             for part in parts.iter_mut() {
                 let (lo, hi) = (at, at + part.len());
-                if p == 2 {
-                    // Two ranks (the common case) in one vectorisable pass.
-                    for ((v, a), b) in part.iter_mut().zip(slot(0, lo, hi)).zip(slot(1, lo, hi)) {
-                        *v = (a + b) * scale;
-                    }
-                } else {
-                    let slots: Vec<&[f32]> = (0..p).map(|q| slot(q, lo, hi)).collect();
-                    for (i, v) in part.iter_mut().enumerate() {
-                        let mut sum = slots[0][i];
-                        for s in &slots[1..] {
-                            sum += s[i];
-                        }
-                        *v = sum * scale;
-                    }
-                }
+                let slots: Vec<&[f32]> = (0..p).map(|q| slot(q, lo, hi)).collect();
+                sum_scaled(part, &slots, scale);
                 at = hi;
             }
             return Ok(());

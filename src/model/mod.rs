@@ -212,6 +212,19 @@ enum GradMem {
     Shared(SharedGrads),
 }
 
+impl GradMem {
+    /// The first `n` values (all of them).
+    fn values_mut(&mut self, n: usize) -> &mut [f32] {
+        match self {
+            GradMem::Heap(v) => v,
+            // SAFETY: this rank's current buffer of `n` values, which only this rank writes
+            // and no other rank reads until the next all-reduce (see `SharedGrads`); `&mut
+            // self` makes this the only reference in this process.
+            GradMem::Shared(s) => unsafe { std::slice::from_raw_parts_mut(s.current(), n) },
+        }
+    }
+}
+
 impl Grads {
     /// Zeroed buffers for `params`.
     pub fn zeros(params: &[Param]) -> Self {
@@ -264,12 +277,7 @@ impl Grads {
 
     /// Every value, the buffers end to end.
     pub fn flat_mut(&mut self) -> &mut [f32] {
-        let n = self.offsets[self.offsets.len() - 1];
-        match &mut self.mem {
-            GradMem::Heap(v) => v,
-            // SAFETY: as in `flat`; `&mut self` makes this the only reference in this process.
-            GradMem::Shared(s) => unsafe { std::slice::from_raw_parts_mut(s.current(), n) },
-        }
+        self.mem.values_mut(self.offsets[self.offsets.len() - 1])
     }
 
     /// The buffer of parameter `i`.
@@ -291,11 +299,11 @@ impl Grads {
 
     /// The buffers, in parameter order.
     pub fn bufs_mut(&mut self) -> Vec<&mut [f32]> {
-        let lens: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
-        let mut rest = self.flat_mut();
-        let mut out = Vec::with_capacity(lens.len());
-        for n in lens {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        let Self { offsets, mem, .. } = self;
+        let mut rest = mem.values_mut(offsets[offsets.len() - 1]);
+        let mut out = Vec::with_capacity(offsets.len() - 1);
+        for w in offsets.windows(2) {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
             out.push(head);
             rest = tail;
         }
