@@ -131,7 +131,7 @@ pub(crate) fn sum_scaled(dst: &mut [f32], srcs: &[&[f32]], scale: f32) {
 /// here (no `/dev/shm`, or a rank could not map the file), in which case every rank gets
 /// `None`. Collective: every rank calls it with the same `len`, and only when all ranks are on
 /// this machine.
-pub(crate) fn create(comm: &dyn Communicator, len: usize) -> Result<Option<SharedGrads>> {
+pub fn create(comm: &dyn Communicator, len: usize) -> Result<Option<SharedGrads>> {
     let (rank, world) = (comm.rank(), comm.world());
     let stride = len.div_ceil(ALIGN) * ALIGN;
     let bytes = world * 2 * stride * std::mem::size_of::<f32>();
