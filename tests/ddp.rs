@@ -385,6 +385,49 @@ fn plain_mpirun_runs_a_data_parallel_job() {
     assert!(common::final_metric(&dir, "eval_accuracy") > 0.9);
 }
 
+/// `WICK_MPI_SHM=0` on one rank only (set per program of an MPMD `mpirun`): the ranks agree
+/// to leave shared memory, rather than one waiting in MPI's all-reduce while the other waits
+/// at the shared-memory barrier until the timeout.
+#[cfg(feature = "mpi")]
+#[test]
+fn ranks_agree_when_only_one_turns_shared_memory_off() {
+    std::env::set_current_dir(common::root()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mixed");
+    let exe = env!("CARGO_BIN_EXE_wick");
+    let args = |c: &mut Command| {
+        c.args([
+            "train",
+            "configs/digits_mlp.toml",
+            "--quiet",
+            "--threads",
+            "1",
+        ])
+        .arg("--run-dir")
+        .arg(&dir)
+        .args(["--set", "train.epochs=2", "--set", "dist.timeout_s=10"]);
+    };
+    let mut c = mpirun();
+    c.current_dir(common::root())
+        .env_remove("RAYON_NUM_THREADS")
+        .args([
+            "--bind-to",
+            "none",
+            "-np",
+            "1",
+            "env",
+            "WICK_MPI_SHM=0",
+            exe,
+        ]);
+    args(&mut c);
+    c.args([":", "-np", "1", exe]);
+    args(&mut c);
+    let o = c.output().unwrap();
+    let (out, err) = common::text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(common::final_metric(&dir, "eval_accuracy") > 0.9);
+}
+
 /// The communicator's results, bit for bit on every rank, with 2, 3 and 5 ranks: in-place
 /// sums, sums into another buffer and the DDP reducer's mean over parts of odd lengths, in one
 /// pass through the shared-memory window and in several (2 and 3 ranks: every rank adds all

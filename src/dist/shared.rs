@@ -20,8 +20,11 @@
 //! the slow reader included, has arrived, so it is done reading.
 //!
 //! The memory is a file in `/dev/shm` that rank 0 creates, every rank maps, and rank 0
-//! unlinks as soon as all have mapped it (a rank that dies in between leaves it behind). Each
-//! rank's mapping is its own, so ranks may drop their gradients at different times.
+//! unlinks as soon as all have mapped it, or when an error or panic ends the setup first (only
+//! a process killed in between leaves it behind). Its pages are allocated when it is created,
+//! so a full `/dev/shm` means the slower path for every rank, not a bus error at the first
+//! write. Each rank's mapping is its own, so ranks may drop their gradients at different
+//! times.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
@@ -131,24 +134,30 @@ pub(crate) fn sum_scaled(dst: &mut [f32], srcs: &[&[f32]], scale: f32) {
 /// here (no `/dev/shm`, or a rank could not map the file), in which case every rank gets
 /// `None`. Collective: every rank calls it with the same `len`, and only when all ranks are on
 /// this machine.
-pub fn create(comm: &dyn Communicator, len: usize) -> Result<Option<SharedGrads>> {
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn create(comm: &dyn Communicator, len: usize) -> Result<Option<SharedGrads>> {
     let (rank, world) = (comm.rank(), comm.world());
     let stride = len.div_ceil(ALIGN) * ALIGN;
     let bytes = world * 2 * stride * std::mem::size_of::<f32>();
     // Rank 0 creates the file and sends its path (empty: none).
     let mut name = [0u8; 256];
     let mut file = None;
-    // Without it (no /dev/shm here), every rank falls back to the window all-reduce.
+    // Rank 0's hold on the file: it goes when this function returns, however it returns.
+    let mut _unlink = None;
+    // Without it (no room in /dev/shm, or none), every rank falls back to the window
+    // all-reduce.
     if rank == 0 {
-        if let Ok((path, f)) = create_file(Path::new(SHM_DIR), bytes) {
-            // A name of about 50 bytes: `/dev/shm/wick-grads-PID-NANOS`.
-            let p = path.as_os_str().as_encoded_bytes();
-            if p.len() <= name.len() {
-                name[..p.len()].copy_from_slice(p);
-                file = Some(f);
-            } else {
-                let _ = std::fs::remove_file(&path);
+        match create_file(Path::new(SHM_DIR), bytes) {
+            Ok((path, f)) => {
+                // A name of about 50 bytes: `/dev/shm/wick-grads-PID-NANOS`.
+                let p = path.as_os_str().as_encoded_bytes();
+                if p.len() <= name.len() {
+                    name[..p.len()].copy_from_slice(p);
+                    file = Some(f);
+                }
+                _unlink = Some(Unlink(path));
             }
+            Err(e) => fallback_note(rank, &format!("{SHM_DIR}: {e}")),
         }
     }
     comm.broadcast_bytes(&mut name, 0)?;
@@ -158,12 +167,12 @@ pub fn create(comm: &dyn Communicator, len: usize) -> Result<Option<SharedGrads>
     }
     let path = PathBuf::from(String::from_utf8_lossy(&name[..end]).into_owned());
     let mapped = map(&path, file, bytes);
+    if let Err(e) = &mapped {
+        fallback_note(rank, &format!("{}: {e}", path.display()));
+    }
     // Every rank has mapped the file (or failed to) once this returns.
     let mut failed = [mapped.is_err() as u8 as f64];
     comm.all_reduce_sum_f64(&mut failed)?;
-    if rank == 0 {
-        let _ = std::fs::remove_file(&path);
-    }
     match mapped {
         Ok(map) if failed[0] == 0.0 => Ok(Some(SharedGrads {
             slots: Arc::new(Slots {
@@ -179,7 +188,28 @@ pub fn create(comm: &dyn Communicator, len: usize) -> Result<Option<SharedGrads>
     }
 }
 
-/// A new zero-filled file of `bytes` bytes in `dir`, under a name no other job uses.
+/// Removes a file when dropped.
+struct Unlink(PathBuf);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// One line on standard error from a rank that could not set up the shared gradients: the
+/// job goes on, slower, through the window all-reduce.
+fn fallback_note(rank: usize, why: &str) {
+    eprintln!(
+        "note: rank {rank}: gradients stay out of shared memory ({why}); training goes on with the \
+         slower copying all-reduce. To fix, free space in {SHM_DIR} or make it larger (`df -h {SHM_DIR}`; \
+         Docker: --shm-size)"
+    );
+}
+
+/// A new zero-filled file of `bytes` bytes in `dir`, under a name no other job uses, with its
+/// pages allocated (so that running out of memory there is an error now, not a `SIGBUS` at the
+/// first write through a mapping).
 fn create_file(dir: &Path, bytes: usize) -> std::io::Result<(PathBuf, std::fs::File)> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -193,9 +223,12 @@ fn create_file(dir: &Path, bytes: usize) -> std::io::Result<(PathBuf, std::fs::F
         .create_new(true)
         .mode(0o600)
         .open(&path)?;
-    if let Err(e) = f.set_len(bytes as u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor this function owns.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, bytes as libc::off_t) };
+    if rc != 0 {
         let _ = std::fs::remove_file(&path);
-        return Err(e);
+        return Err(std::io::Error::from_raw_os_error(rc));
     }
     Ok((path, f))
 }
@@ -306,6 +339,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rank 0 of two, whose collectives fail from the `fail_at`-th on (0: the broadcast of
+    /// the file's name, 1: the all-reduce of mapping failures), as when the other rank dies
+    /// during the setup. It keeps the name rank 0 broadcast.
+    struct FailingPeer {
+        fail_at: usize,
+        calls: std::sync::atomic::AtomicUsize,
+        sent: std::sync::Mutex<Vec<u8>>,
+    }
+
+    impl FailingPeer {
+        fn call(&self) -> Result<()> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) >= self.fail_at {
+                return Err(crate::Error::Dist("rank 1 did not arrive".into()));
+            }
+            Ok(())
+        }
+    }
+
+    impl Communicator for FailingPeer {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world(&self) -> usize {
+            2
+        }
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
+            self.call()
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            self.call()
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+            self.call()
+        }
+        fn broadcast_bytes(&self, buf: &mut [u8], _: usize) -> Result<()> {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            *self.sent.lock().unwrap() = buf[..end].to_vec();
+            self.call()
+        }
+        fn barrier(&self) -> Result<()> {
+            self.call()
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("abort({code})")
+        }
+    }
+
+    #[test]
+    fn rank_0_removes_the_file_however_the_setup_ends() {
+        if !Path::new(SHM_DIR).is_dir() {
+            return; // Not Linux: `create` falls back without a file.
+        }
+        for fail_at in [0, 1, usize::MAX] {
+            let comm = FailingPeer {
+                fail_at,
+                calls: Default::default(),
+                sent: Default::default(),
+            };
+            let got = create(&comm, 1000);
+            let sent = comm.sent.lock().unwrap().clone();
+            let path = PathBuf::from(String::from_utf8(sent).unwrap());
+            assert!(
+                path.starts_with(SHM_DIR) && path.to_string_lossy().contains("wick-grads-"),
+                "{path:?}"
+            );
+            match fail_at {
+                usize::MAX => assert!(matches!(got, Ok(Some(_)))),
+                _ => assert!(got.is_err(), "fail_at {fail_at}"),
+            }
+            assert!(
+                !path.exists(),
+                "fail_at {fail_at}: {path:?} was left behind"
+            );
+        }
+    }
+
+    #[test]
+    fn the_file_has_its_pages_before_anyone_maps_it() {
+        use std::os::unix::fs::MetadataExt;
+        // tmpfs, where a file only sized with `set_len` gets its pages at the first write.
+        let dir = if Path::new(SHM_DIR).is_dir() {
+            PathBuf::from(SHM_DIR)
+        } else {
+            std::env::temp_dir()
+        };
+        let bytes = 3 << 20;
+        let (path, f) = create_file(&dir, bytes).unwrap();
+        let meta = f.metadata().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(meta.len(), bytes as u64);
+        assert!(
+            meta.blocks() * 512 >= bytes as u64,
+            "{} bytes allocated of {bytes}",
+            meta.blocks() * 512
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct Shm {
 
 impl Shm {
     /// The shared-memory path of `world` ranks, or `None` when they are not all on this machine
-    /// or [`SHM_VAR`] is `0`. Collective over the world: every rank must call it.
+    /// or [`SHM_VAR`] is `0` on any of them. Collective over the world: every rank must call it.
     pub fn new(world_comm: ffi::MPI_Comm, rank: usize, world: usize) -> Result<Option<Self>> {
         // SAFETY: a constant handle.
         let mut node = unsafe { ffi::RSMPI_COMM_NULL };
@@ -87,9 +87,12 @@ impl Shm {
         // Every rank sees the same sizes only when all are on one machine; a job over several
         // machines has some node smaller than the world on every machine, and then the world
         // all-reduce is the one that works everywhere. Decide together, so that no rank
-        // takes a path the others do not.
-        let mut one_machine = (size as usize == world && node_rank as usize == rank) as c_int;
+        // takes a path the others do not: a rank started with `WICK_MPI_SHM=0` turns the
+        // window off for all of them (were it off on that rank alone, its all-reduces would
+        // meet the others' window barriers, and the job would hang).
         let off = std::env::var(SHM_VAR).is_ok_and(|v| v.trim() == "0");
+        let mut one_machine =
+            (size as usize == world && node_rank as usize == rank && !off) as c_int;
         let mut all: c_int = 0;
         // SAFETY: plain blocking all-reduce of one int at start-up, before any training.
         unsafe {
@@ -105,7 +108,7 @@ impl Shm {
                 ),
             )?;
         }
-        if all == 0 || off || world < 2 {
+        if all == 0 || world < 2 {
             // SAFETY: `node` was created above and is no longer needed.
             unsafe { ffi::MPI_Comm_free(&mut node) };
             return Ok(None);
