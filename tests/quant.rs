@@ -178,6 +178,41 @@ fn damaged_and_mismatched_quantized_checkpoints_are_refused() {
         !o.status.success() && err.contains("already quantized"),
         "{err}"
     );
+
+    // An --out that is the run itself, or another run: refused, and both runs stay whole.
+    let config = std::fs::read(run.join("config.toml")).unwrap();
+    for (out, want) in [
+        (&run, "that is the run being quantized"),
+        (&other, "holds another run"),
+    ] {
+        let o = wick()
+            .arg("quantize")
+            .arg(&run)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        let err = text(&o).1;
+        assert!(!o.status.success() && err.contains(want), "{err}");
+    }
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
+    assert!(!other.join("model.int8.safetensors").exists());
+    eval_json(&run);
+    eval_json(&other);
+
+    // A negative or NaN error bound.
+    for e in ["-1", "NaN"] {
+        let o = wick()
+            .args(["quantize", &format!("--max-error={e}")])
+            .arg(&run)
+            .output()
+            .unwrap();
+        let err = text(&o).1;
+        assert!(
+            !o.status.success() && err.contains("expected a relative error of 0 or more"),
+            "{e}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -54,6 +54,14 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             a.run_dir.display()
         );
     }
+    if !(a.max_error.is_finite() && a.max_error >= 0.0) {
+        anyhow::bail!(
+            "--max-error {}: expected a relative error of 0 or more (0.05 keeps layers that err by more than 5% in f32)",
+            a.max_error
+        );
+    }
+    let out = a.out.clone().unwrap_or_else(|| a.run_dir.join("int8"));
+    check_out(&a.run_dir, &out)?;
     let f32_run = load_run_model(&a.run_dir, a.checkpoint)?;
     let LoadedRun {
         cfg, model: qmodel, ..
@@ -73,7 +81,6 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         ..QuantConfig::default()
     };
     let report = quant::quantize(qmodel.as_ref(), &qcfg, Some(train.as_ref()))?;
-    let out = a.out.clone().unwrap_or_else(|| a.run_dir.join("int8"));
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     for f in [run_dir::CONFIG_FILE, run_dir::SCHEMA_FILE] {
         std::fs::copy(a.run_dir.join(f), out.join(f))
@@ -176,6 +183,40 @@ fn param_bytes(model: &dyn Model) -> usize {
             None => 4 * p.var.elem_count(),
         })
         .sum()
+}
+
+/// Refuses an `--out` that would overwrite a run: the run itself (copying its `config.toml`
+/// onto itself empties it) or another run's directory. A previous quantized output may be
+/// replaced.
+fn check_out(run_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let same = match (run_dir.canonicalize(), out.canonicalize()) {
+        (Ok(r), Ok(o)) => r == o,
+        _ => false,
+    };
+    if same {
+        anyhow::bail!(
+            "--out {}: that is the run being quantized; leave --out out (it writes {}) or name a new directory",
+            out.display(),
+            run_dir.join("int8").display()
+        );
+    }
+    if !out.is_dir() {
+        anyhow::bail!(
+            "--out {}: exists and is not a directory; name a new directory",
+            out.display()
+        );
+    }
+    if out.join(run_dir::CONFIG_FILE).is_file() && !out.join(quant::MODEL_FILE).is_file() {
+        anyhow::bail!(
+            "--out {}: holds another run ({} is there), which quantize would overwrite; name a new directory",
+            out.display(),
+            run_dir::CONFIG_FILE
+        );
+    }
+    Ok(())
 }
 
 /// Metrics on `eval`, median latency at batch 1 (ms) and throughput at batch 32 (samples/s).
