@@ -135,6 +135,34 @@ fn out_of_range_values_are_rejected() {
         let e = fails(OK_DATA, &args);
         assert!(e.contains(want) && e.contains("iris.csv"), "{e}");
     }
+    // Too long for a timer (was a panic converting it to a Duration).
+    let e = fails(
+        OK_DATA,
+        &[
+            "--set",
+            "dist.backend=\"mpi\"",
+            "--set",
+            "dist.timeout_s=1e300",
+        ],
+    );
+    assert!(
+        e.contains("`dist.timeout_s` = ") && e.contains("up to 2592000 (30 days)"),
+        "{e}"
+    );
+    // A monitor the data's task does not report (iris is classification; the config leaves
+    // the task to the data) is refused before a run directory is made, so a retry with the
+    // same --run-dir is not told that it already holds a run.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, OK_DATA).unwrap();
+    for _ in 0..2 {
+        let e = fails_at(&cfg, &["--set", "train.monitor=\"eval_mse\""]);
+        assert!(
+            e.contains("train.monitor = \"eval_mse\" is not reported"),
+            "{e}"
+        );
+        assert!(!cfg.with_extension("run").exists());
+    }
     let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);
     assert!(e.contains("`model.dropout` = 1.5"), "{e}");
     let e = fails(OK_DATA, &["--set", "train.monitor=\"eval_acc\""]);

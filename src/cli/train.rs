@@ -101,6 +101,8 @@ fn train(
     let main = comm.is_main();
     let mut trainer = Trainer::from_config(&cfg)?;
     trainer.set_communicator(comm.clone());
+    // Before a run directory exists: a config that cannot train leaves none behind.
+    trainer.check()?;
     let run = match run {
         Some(r) => {
             let saved = r.schema()?;

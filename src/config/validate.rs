@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use super::{Config, OptimKind, ScheduleKind, Task};
 use crate::{Error, Result};
 
+/// The longest `dist.timeout_s` accepted: 30 days.
+const MAX_TIMEOUT_S: f64 = 2_592_000.0;
+
 /// A BERT's pretrained directory (relative paths resolved like data paths), its tokenizer as
 /// the data's default, and `model.max_len` as the data's truncation length.
 fn resolve_bert(cfg: &mut Config, origin: &str, base: &Path) -> Result<()> {
@@ -99,11 +102,11 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
         }
     }
     let d = &cfg.dist;
-    if !(d.timeout_s.is_finite() && d.timeout_s > 0.0) {
+    if !(d.timeout_s.is_finite() && d.timeout_s > 0.0 && d.timeout_s <= MAX_TIMEOUT_S) {
         return bad(
             "dist.timeout_s",
             d.timeout_s.to_string(),
-            "a positive number of seconds, e.g. 300",
+            "a positive number of seconds up to 2592000 (30 days), e.g. 300",
         );
     }
     if !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0) {

@@ -95,6 +95,14 @@ pub(super) fn check(what: &str, code: c_int) -> Result<()> {
 impl Mpi {
     /// Initialises MPI. Collectives wait at most `timeout_s` seconds for the other ranks.
     pub fn init(timeout_s: f64) -> Result<Self> {
+        let timeout = Duration::try_from_secs_f64(timeout_s)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "dist.timeout_s = {timeout_s}: expected a positive number of seconds, e.g. 300"
+                ))
+            })?;
         // OpenMPI's non-blocking all-reduce picks its algorithm by message size; for gradient
         // buckets the ring, bandwidth-optimal as in NCCL and Horovod, is 1.6× faster (45 MB
         // over 2 ranks of one machine: 16 ms against 27 ms; such ranks now use the shared-memory
@@ -136,7 +144,7 @@ impl Mpi {
             _universe: universe,
             rank: rank as usize,
             world: world as usize,
-            timeout: Duration::from_secs_f64(timeout_s),
+            timeout,
             state: Mutex::new(st),
         })
     }

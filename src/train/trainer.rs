@@ -300,34 +300,24 @@ impl Trainer {
         ))
     }
 
-    /// Trains into `run`. With `resume`, continues from `run`'s `last` checkpoint and ends
-    /// with exactly the weights an uninterrupted run would have.
-    pub fn fit(&mut self, run: &RunDir, resume: bool) -> Result<Summary> {
-        let wall = Instant::now();
-        let cfg = self.cfg.clone();
-        let seed = cfg.run.seed;
-        let t = &cfg.train;
-        let store = self.model.store().clone();
-        let comm = self.comm.clone();
-        let (world, main) = (comm.world(), comm.is_main());
-        let params = store.trainable();
-        if params.is_empty() {
+    /// The checks [`Self::fit`] starts with, which need the data and the world but no run
+    /// directory: call it before creating one, so that a config that cannot train leaves
+    /// nothing behind.
+    pub fn check(&self) -> Result<()> {
+        let t = &self.cfg.train;
+        let world = self.comm.world();
+        if self.model.store().trainable().is_empty() {
             return Err(Error::Train("the model has no trainable parameters".into()));
         }
-        let mut grads = Grads::zeros(&params);
-        let mut opt = Optimizer::new(&cfg.optim, &params);
-        let loss_kind = Loss::for_task(self.schema.task);
         let n = self.train.len();
-        let batches = BatchPlan::shuffled(n, t.batch_size * world, t.drop_last, seed, 0).len();
+        let batches =
+            BatchPlan::shuffled(n, t.batch_size * world, t.drop_last, self.cfg.run.seed, 0).len();
         if batches == 0 {
             return Err(Error::Config(format!(
                 "train.batch_size = {} × {world} ranks with drop_last leaves no batch of the {n} training rows; lower the batch size",
                 t.batch_size
             )));
         }
-        let steps_per_epoch = batches.div_ceil(t.accumulate) as u64;
-        let total_steps = steps_per_epoch * t.epochs as u64;
-        let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps, steps_per_epoch);
         let monitor = self.monitor();
         let valid = crate::config::monitor_names(self.schema.task);
         if !valid.contains(&monitor.as_str()) {
@@ -337,6 +327,30 @@ impl Trainer {
                 valid.join(", ")
             )));
         }
+        Ok(())
+    }
+
+    /// Trains into `run`. With `resume`, continues from `run`'s `last` checkpoint and ends
+    /// with exactly the weights an uninterrupted run would have.
+    pub fn fit(&mut self, run: &RunDir, resume: bool) -> Result<Summary> {
+        self.check()?;
+        let wall = Instant::now();
+        let cfg = self.cfg.clone();
+        let seed = cfg.run.seed;
+        let t = &cfg.train;
+        let store = self.model.store().clone();
+        let comm = self.comm.clone();
+        let (world, main) = (comm.world(), comm.is_main());
+        let params = store.trainable();
+        let mut grads = Grads::zeros(&params);
+        let mut opt = Optimizer::new(&cfg.optim, &params);
+        let loss_kind = Loss::for_task(self.schema.task);
+        let n = self.train.len();
+        let batches = BatchPlan::shuffled(n, t.batch_size * world, t.drop_last, seed, 0).len();
+        let steps_per_epoch = batches.div_ceil(t.accumulate) as u64;
+        let total_steps = steps_per_epoch * t.epochs as u64;
+        let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps, steps_per_epoch);
+        let monitor = self.monitor();
         let hash = cfg.hash();
         // Rank 0's copy of config.toml is the one that counts (other machines may lack it).
         let file_hash = match main {
