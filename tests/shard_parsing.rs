@@ -13,6 +13,57 @@ fn valid_manifest_text() -> String {
         .to_string()
 }
 
+/// Statistics that would leave features unnormalized (or unwritten), and a shard listed twice.
+#[test]
+fn manifests_with_bad_stats_or_repeated_shards_are_refused() {
+    let base = valid_manifest_text();
+    assert!(Manifest::parse(&base).is_ok());
+    let with = |extra: &str| {
+        base.replacen(
+            "\"label\":\"label\"",
+            &format!("{extra},\"label\":\"label\""),
+            1,
+        )
+    };
+    for (stats, want) in [
+        (
+            r#""stats":{"x":{"mean":[1.0],"std":[]}}"#,
+            "1 means and 0 standard deviations",
+        ),
+        (
+            r#""stats":{"x":{"mean":[1.0,2.0],"std":[1.0]}}"#,
+            "2 means and 1 standard deviations",
+        ),
+        (
+            r#""stats":{"x":{"mean":[1.0,2.0,3.0],"std":[1.0,1.0,1.0]}}"#,
+            "one per feature (2)",
+        ),
+        (r#""stats":{"x":{"mean":[],"std":[]}}"#, "0 means"),
+        (
+            r#""stats":{"x":{"mean":[0.0],"std":[-1.0]}}"#,
+            "negative standard deviation",
+        ),
+        (
+            r#""stats":{"y":{"mean":[0.0],"std":[1.0]}}"#,
+            "`y`, which is not a field",
+        ),
+    ] {
+        let err = Manifest::parse(&with(stats)).unwrap_err();
+        assert!(err.contains(want), "{stats}: {err}");
+    }
+    assert!(Manifest::parse(&with(r#""stats":{"x":{"mean":[0.0,1.0],"std":[1.0,2.0]}}"#)).is_ok());
+    assert!(Manifest::parse(&with(r#""stats":{"x":{"mean":[0.5],"std":[2.0]}}"#)).is_ok());
+    let twice = base.replace(
+        r#""shards":[{"file":"shard-00000.safetensors","samples":3,"bytes":10,"xxh3":"0"}]"#,
+        r#""shards":[{"file":"s.safetensors","samples":1,"bytes":10,"xxh3":"0"},{"file":"s.safetensors","samples":2,"bytes":10,"xxh3":"0"}]"#,
+    );
+    let err = Manifest::parse(&twice).unwrap_err();
+    assert!(
+        err.contains("shard `s.safetensors` is listed twice"),
+        "{err}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 

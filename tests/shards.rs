@@ -204,7 +204,16 @@ fn each_corruption_gives_a_specific_error() {
     );
 
     let d = damaged_copy(&good, tmp.path(), "field");
-    edit_manifest(&d, |m| m["fields"][0]["name"] = "pixels".into());
+    edit_manifest(&d, |m| {
+        m["fields"][0]["name"] = "pixels".into();
+        // The statistics follow the field (stats of a field that does not exist are refused
+        // when the manifest is read).
+        if let Some(st) = m["stats"].as_object_mut() {
+            if let Some(v) = st.remove("image") {
+                st.insert("pixels".into(), v);
+            }
+        }
+    });
     expect_error(&d, &["missing tensor `pixels` for field `pixels`"]);
 
     let d = damaged_copy(&good, tmp.path(), "missing");
@@ -218,6 +227,130 @@ fn each_corruption_gives_a_specific_error() {
     // The damage-free copy still verifies.
     let (ok, msg) = verify(&good);
     assert!(ok, "{msg}");
+}
+
+/// CSV tables that cannot be packed faithfully: one line naming the line, column and fix
+/// (duplicate names used to panic; NaN and inf were packed into a manifest nothing could read).
+#[test]
+fn packing_refuses_what_training_could_not_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, csv, extra, want) in [
+        (
+            "dup",
+            "a,a,target\nx,p,0\ny,q,1\n",
+            &[][..],
+            "the header names column `a` twice",
+        ),
+        (
+            "nan",
+            "a,b,target\n1,NaN,0\n2,3,1\n",
+            &[],
+            "line 2, column `b`: \"NaN\" is not a finite number",
+        ),
+        (
+            "big",
+            "a,b,target\n1,2,0\n2,1e39,1\n",
+            &[],
+            "line 3, column `b`: \"1e39\" is not a finite number",
+        ),
+        (
+            "reginf",
+            "a,target\n1,0.5\n2,inf\n",
+            &["--regression"],
+            "line 3: label \"inf\" is not a finite number",
+        ),
+        (
+            "nolabel",
+            "a,target\n1,x\n2,\n",
+            &[],
+            "line 3: the label `target` is empty",
+        ),
+        (
+            "only",
+            "target\n0\n1\n",
+            &[],
+            "the label `target` is the only column",
+        ),
+        ("empty", "", &[], "the file is empty"),
+    ] {
+        let path = tmp.path().join(format!("{name}.csv"));
+        std::fs::write(&path, csv).unwrap();
+        let o = wick()
+            .args(["data", "pack", "--out"])
+            .arg(tmp.path().join(name))
+            .arg("csv")
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
+        assert!(
+            err.contains(want) && err.contains(&format!("{name}.csv")),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// Labels that are not class indices of the manifest, a single class, and real-valued labels
+/// asked to be classes: one clear error each, before any training (they used to build a
+/// model on the wrong classes, or panic).
+#[test]
+fn labels_that_cannot_be_classes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = |name: &str, csv: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let o = wick()
+            .args(["data", "pack", "--out"])
+            .arg(&out)
+            .args(["csv", csv])
+            .args(extra)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+        out
+    };
+    let train_err = |data: &Path, sets: &[&str]| {
+        let o = wick()
+            .arg("train")
+            .arg(root().join("configs/iris_mlp.toml"))
+            .args([
+                "--set",
+                &format!("data.path={:?}", data.display().to_string()),
+            ])
+            .args(["--set", "data.label=\"label\""])
+            .args(sets.iter().flat_map(|s| ["--set", s]))
+            .args(["--quiet", "--run-dir"])
+            .arg(data.with_extension("run"))
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(!data.with_extension("run").exists());
+        err
+    };
+    let good = pack("good", "data/sklearn/iris.csv", &[]);
+    let short = damaged_copy(&good, tmp.path(), "short");
+    edit_manifest(&short, |m| {
+        m["classes"] = serde_json::json!(["setosa", "versicolor"]);
+    });
+    let e = train_err(&short, &[]);
+    assert!(
+        e.contains("has label 2, but the classes are numbered 0 to 1"),
+        "{e}"
+    );
+    let one = damaged_copy(&good, tmp.path(), "one");
+    edit_manifest(&one, |m| m["classes"] = serde_json::json!(["setosa"]));
+    let e = train_err(&one, &[]);
+    assert!(e.contains("has a single class (setosa)"), "{e}");
+    let reg = pack("reg", "data/sklearn/digits.csv", &["--regression"]);
+    let e = train_err(&reg, &["data.task=\"classification\""]);
+    assert!(
+        e.contains("holds real values") && e.contains("data.task = \"regression\""),
+        "{e}"
+    );
 }
 
 #[test]

@@ -76,33 +76,29 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
     } else {
         None
     };
-    let train = ShardSource::new(set, &input, &label, norm)?;
+    if input == label {
+        return Err(Error::Config(format!(
+            "{dir}: data.input and the label are both `{label}`; set data.input to a feature field"
+        )));
+    }
     let regression = m
         .field(&label)
         .is_some_and(|f| f.dtype == shard::Dtype::F32);
     let task = match (cfg.task, regression) {
         (Task::Regression, _) | (Task::Auto, true) => Task::Regression,
+        (Task::Classification, true) => {
+            return Err(Error::Config(format!(
+                "{dir}: data.task = \"classification\", but the label field `{label}` holds real values (packed with --regression); set data.task = \"regression\", or pack the data again without --regression"
+            )))
+        }
         _ => Task::Classification,
     };
-    let classes = if task == Task::Classification {
-        let k = match train.targets()? {
-            Targets::Classes(c) => c.iter().copied().max().map(|m| m as usize + 1).unwrap_or(0),
-            Targets::Values(_) => 0,
-        };
-        if m.classes.is_empty() {
-            (0..k).map(|i| i.to_string()).collect()
-        } else if k > m.classes.len() {
-            return Err(Error::Data(format!(
-                "{dir}: a label is {} but the manifest lists {} classes; re-run `wick data pack`",
-                k - 1,
-                m.classes.len()
-            )));
-        } else {
-            m.classes.clone()
-        }
-    } else {
-        Vec::new()
+    let classes = match task {
+        Task::Classification => class_names(&cfg.path, &set, &label, &m.classes)?,
+        _ => Vec::new(),
     };
+    let n_classes = classes.len();
+    let train = ShardSource::new(set, &input, &label, norm)?;
     let dim = train.dim();
     let stats = norm.cloned();
     let schema = Schema {
@@ -132,7 +128,7 @@ pub fn open_sources(cfg: &DataConfig, seed: u64) -> Result<Sources> {
     };
     let eval = match &cfg.test_path {
         Some(p) => {
-            let tset = open_eval_set(p, cfg, &m)?;
+            let tset = open_eval_set(p, cfg, &m, &label, n_classes)?;
             // Evaluation data is normalized with the *training* statistics.
             Some(ShardSource::new(tset, &input, &label, norm)?)
         }
@@ -182,6 +178,8 @@ fn open_eval_set(
     p: &std::path::Path,
     cfg: &DataConfig,
     train: &shard::Manifest,
+    label: &str,
+    classes: usize,
 ) -> Result<ShardSet> {
     let set = ShardSet::open(p, cfg.verify_checksums)?;
     if set.manifest.fields != train.fields {
@@ -208,7 +206,74 @@ fn open_eval_set(
             theirs.join(", ")
         )));
     }
+    if classes > 0 {
+        check_labels(p, &set, label, classes)?;
+    }
     Ok(set)
+}
+
+/// More classes than this without a class list in the manifest is a corrupt label, not a
+/// classifier head to build.
+const MAX_IMPLICIT_CLASSES: i64 = 1 << 20;
+
+/// The classes of the classification label `label` of `set`: the manifest's list, or `0` to
+/// the largest label when it has none. Every label must be a class index.
+fn class_names(
+    dir: &std::path::Path,
+    set: &ShardSet,
+    label: &str,
+    listed: &[String],
+) -> Result<Vec<String>> {
+    if listed.len() == 1 {
+        return Err(Error::Data(format!(
+            "{}: the label `{label}` has a single class ({}); classification needs at least 2",
+            dir.display(),
+            listed[0]
+        )));
+    }
+    if !listed.is_empty() {
+        check_labels(dir, set, label, listed.len())?;
+        return Ok(listed.to_vec());
+    }
+    let Some(f) = set.field_index(label) else {
+        return Ok(Vec::new()); // the source names the missing field
+    };
+    let max = (0..set.len()).map(|i| set.label(f, i)).max().unwrap_or(-1);
+    if max >= MAX_IMPLICIT_CLASSES {
+        return Err(Error::Data(format!(
+            "{}: a label is {max}, and the manifest lists no classes: that would be {} classes; labels are class indices from 0, so pack the data again with `wick data pack`",
+            dir.display(),
+            max as i128 + 1
+        )));
+    }
+    let k = (max + 1).max(0) as usize;
+    check_labels(dir, set, label, k)?;
+    if k < 2 {
+        return Err(Error::Data(format!(
+            "{}: the label `{label}` has {k} class{}; classification needs at least 2",
+            dir.display(),
+            if k == 1 { " (0)" } else { "es" }
+        )));
+    }
+    Ok((0..k).map(|i| i.to_string()).collect())
+}
+
+/// Every label of `set` is a class index below `classes`.
+fn check_labels(dir: &std::path::Path, set: &ShardSet, label: &str, classes: usize) -> Result<()> {
+    let Some(f) = set.field_index(label) else {
+        return Ok(());
+    };
+    if let Some((i, y)) = (0..set.len())
+        .map(|i| (i, set.label(f, i)))
+        .find(|&(_, y)| y < 0 || y as u64 >= classes as u64)
+    {
+        return Err(Error::Data(format!(
+            "{}: sample {i} has label {y}, but the classes are numbered 0 to {}; pack the data again with `wick data pack`",
+            dir.display(),
+            classes as i64 - 1
+        )));
+    }
+    Ok(())
 }
 
 /// Training and evaluation sources: `eval` from `data.test_path`, or else a seeded split of
@@ -246,6 +311,7 @@ fn open_images(
     label: &str,
 ) -> Result<Sources> {
     let m = set.manifest.clone();
+    let classes = class_names(&cfg.path, &set, label, &m.classes)?;
     let train = image::ImageSource::new(set, input, label, cfg.image.clone())?;
     let [c, h, w] = train.shape();
     let schema = Schema {
@@ -256,13 +322,13 @@ fn open_images(
         data_hash: shards_fingerprint(cfg, None)?,
         label: label.to_string(),
         task: Task::Classification,
-        classes: m.classes.clone(),
+        classes: classes.clone(),
         mean: cfg.image.mean.clone(),
         std: cfg.image.std.clone(),
     };
     let eval = match &cfg.test_path {
         Some(p) => Some(image::ImageSource::new(
-            open_eval_set(p, cfg, &m)?,
+            open_eval_set(p, cfg, &m, label, classes.len())?,
             input,
             label,
             cfg.image.clone(),
@@ -288,6 +354,7 @@ fn open_text(
     })?;
     let tok = text::load_tokenizer(path, cfg.max_len)?;
     let m = set.manifest.clone();
+    let classes = class_names(&cfg.path, &set, label, &m.classes)?;
     let train = text::TextSource::new(set, input, label, tok.clone())?;
     let schema = Schema {
         input_shape: Vec::new(),
@@ -297,13 +364,13 @@ fn open_text(
         data_hash: shards_fingerprint(cfg, Some(path))?,
         label: label.to_string(),
         task: Task::Classification,
-        classes: m.classes.clone(),
+        classes: classes.clone(),
         mean: Vec::new(),
         std: Vec::new(),
     };
     let eval = match &cfg.test_path {
         Some(p) => Some(text::TextSource::new(
-            open_eval_set(p, cfg, &m)?,
+            open_eval_set(p, cfg, &m, label, classes.len())?,
             input,
             label,
             tok,

@@ -175,6 +175,14 @@ pub fn pack_idx(
     Ok(m)
 }
 
+/// A cell for an error message, cut to 40 characters.
+fn cell(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// Packs a CSV table: numeric columns become the f32 field `features`, text columns are
 /// indexed as categories (the index is the feature value; the vocabulary goes into the
 /// manifest), and `label` becomes an i64 class index (or f32 for `regression`).
@@ -196,6 +204,23 @@ pub fn pack_csv(
         .iter()
         .map(str::to_string)
         .collect();
+    if header.iter().all(|h| h.is_empty()) {
+        return Err(Error::Data(format!(
+            "{}: the file is empty; expected a header row, then data rows",
+            path.display()
+        )));
+    }
+    if let Some(dup) = header
+        .iter()
+        .enumerate()
+        .find(|(i, h)| header[..*i].contains(h))
+        .map(|(_, h)| h)
+    {
+        return Err(Error::Data(format!(
+            "{}: the header names column `{dup}` twice; column names must be unique",
+            path.display()
+        )));
+    }
     let lc = header.iter().position(|h| h == label).ok_or_else(|| {
         Error::Data(format!(
             "{}: no label column `{label}`; the columns are {}",
@@ -211,6 +236,23 @@ pub fn pack_csv(
         return Err(Error::Data(format!("{}: no data rows", path.display())));
     }
     let feat_cols: Vec<usize> = (0..header.len()).filter(|&c| c != lc).collect();
+    if feat_cols.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: the label `{label}` is the only column; add feature columns",
+            path.display()
+        )));
+    }
+    // CSV line numbers: the header is line 1.
+    if let Some(i) = records
+        .iter()
+        .position(|r| r.get(lc).is_none_or(|s| s.is_empty()))
+    {
+        return Err(Error::Data(format!(
+            "{}: line {}: the label `{label}` is empty; give every row a label or remove the row",
+            path.display(),
+            i + 2
+        )));
+    }
     // A column is categorical if any value is not a number.
     let categorical: Vec<bool> = feat_cols
         .par_iter()
@@ -264,9 +306,16 @@ pub fn pack_csv(
                         let voc = &categories[&header[c]];
                         Ok(voc.binary_search(&r[c].to_string()).unwrap() as f32)
                     } else {
-                        r[c].parse::<f32>().map_err(|_| {
-                            Error::Data(format!("{}: row {}: bad number", path.display(), i + 1))
-                        })
+                        match r[c].parse::<f32>() {
+                            Ok(v) if v.is_finite() => Ok(v),
+                            _ => Err(Error::Data(format!(
+                                "{}: line {}, column `{}`: \"{}\" is not a finite number (f32); fix or remove the value",
+                                path.display(),
+                                i + 2,
+                                header[c],
+                                cell(&r[c])
+                            ))),
+                        }
                     }
                 })
                 .collect()
@@ -277,15 +326,15 @@ pub fn pack_csv(
         .enumerate()
         .map(|(i, s)| {
             if regression {
-                s.parse::<f32>()
-                    .map(|v| v.to_le_bytes().to_vec())
-                    .map_err(|_| {
-                        Error::Data(format!(
-                            "{}: row {}: label \"{s}\" is not a number (regression)",
-                            path.display(),
-                            i + 1
-                        ))
-                    })
+                match s.parse::<f32>() {
+                    Ok(v) if v.is_finite() => Ok(v.to_le_bytes().to_vec()),
+                    _ => Err(Error::Data(format!(
+                        "{}: line {}: label \"{}\" is not a finite number (--regression); fix the value, or pack without --regression for classes",
+                        path.display(),
+                        i + 2,
+                        cell(s)
+                    ))),
+                }
             } else {
                 let k = class_index[s];
                 Ok((k as i64).to_le_bytes().to_vec())

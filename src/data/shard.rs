@@ -211,11 +211,44 @@ impl Manifest {
                 m.num_samples
             ));
         }
+        let mut files = std::collections::BTreeSet::new();
         for s in &m.shards {
-            if s.file.contains('/') || s.file.contains('\\') || s.file.starts_with('.') {
+            if s.file.is_empty()
+                || s.file.contains('/')
+                || s.file.contains('\\')
+                || s.file.starts_with('.')
+            {
                 return Err(format!(
                     "shard file name `{}` is not a plain file name",
                     s.file
+                ));
+            }
+            if !files.insert(s.file.as_str()) {
+                return Err(format!(
+                    "shard `{}` is listed twice (its samples would be read twice); re-run `wick data pack`",
+                    s.file
+                ));
+            }
+        }
+        for (name, st) in &m.stats {
+            let f = m.field(name).ok_or_else(|| {
+                format!(
+                    "stats are given for `{name}`, which is not a field; re-run `wick data pack`"
+                )
+            })?;
+            let n = st.mean.len();
+            if st.std.len() != n || n == 0 || f.numel().is_some_and(|d| n != 1 && n != d) {
+                return Err(format!(
+                    "stats of `{name}` have {n} means and {} standard deviations; expected as many of each, 1 or one per feature{}; re-run `wick data pack`",
+                    st.std.len(),
+                    f.numel().map(|d| format!(" ({d})")).unwrap_or_default()
+                ));
+            }
+            if st.mean.iter().chain(&st.std).any(|v| !v.is_finite())
+                || st.std.iter().any(|&v| v < 0.0)
+            {
+                return Err(format!(
+                    "stats of `{name}` hold a value that is not finite, or a negative standard deviation; re-run `wick data pack`"
                 ));
             }
         }

@@ -204,17 +204,22 @@ impl ShardSource {
             )));
         }
         let (mean, inv_std) = match norm {
-            Some(s) if s.mean.len() == 1 || s.mean.len() == dim => (
+            Some(s)
+                if s.std.len() == s.mean.len() && (s.mean.len() == 1 || s.mean.len() == dim) =>
+            {
+                (
                 s.mean.iter().map(|&m| m as f32).collect(),
                 s.std
                     .iter()
                     .map(|&v| if v < 1e-6 { 1.0 } else { (1.0 / v) as f32 })
                     .collect(),
-            ),
+                )
+            }
             Some(s) => {
                 return Err(Error::Data(format!(
-                    "{dir}: statistics of `{input}` have {} values for {dim} features",
-                    s.mean.len()
+                    "{dir}: statistics of `{input}` have {} means and {} standard deviations for {dim} features; re-run `wick data pack`",
+                    s.mean.len(),
+                    s.std.len()
                 )))
             }
             None => (vec![0.0], vec![1.0]),
