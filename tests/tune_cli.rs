@@ -215,6 +215,32 @@ fn median_pruning_cuts_epochs_and_keeps_the_best() {
     assert!(!finished(&records(&pruned), "pruned").is_empty());
 }
 
+/// A base config whose every trial fails stops the study after `max(n_trials, 5)` failures
+/// in a row, with the trials' own error (it used to start new trials until killed).
+#[test]
+fn a_study_whose_trials_all_fail_stops_with_their_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("f/journal.jsonl");
+    let (ok, msg) = tune(
+        &s,
+        &[
+            "--set",
+            "tune.n_trials=3",
+            "--set",
+            "train.monitor=\"eval_mse\"",
+        ],
+    );
+    assert!(!ok, "{msg}");
+    assert!(
+        msg.contains("the last 5 trials all failed")
+            && msg.contains("train.monitor = \"eval_mse\" is not reported"),
+        "{msg}"
+    );
+    let recs = records(&s);
+    assert_eq!(finished(&recs, "failed").len(), 5, "{recs:?}");
+    assert!(finished(&recs, "complete").is_empty());
+}
+
 #[test]
 fn bad_search_spaces_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
@@ -244,6 +270,15 @@ fn bad_search_spaces_name_the_key() {
         (
             "tune.metric=\"eval_acc\"",
             "is not a metric the trainer reports",
+        ),
+        // Every trial at the low end would fail validation (each one failed, forever).
+        (
+            "tune.space.\"optim.lr\"={ float = [-1.0, -0.5] }",
+            "a trial with optim.lr = -1.0 would fail: `optim.lr` = -1: expected a positive number",
+        ),
+        (
+            "tune.space.\"train.batch_size\"={ choices = [16, 0] }",
+            "a trial with train.batch_size = 0 would fail",
         ),
     ];
     for (set, want) in cases {

@@ -144,7 +144,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
             .map(|b| format!("best {:.4} (trial {})", b.value.unwrap(), b.number))
             .unwrap_or_default();
         let line = format!(
-            "trial {} {:?} {} = {} in {:.1}s",
+            "trial {} {:?} {} = {} in {:.1}s{}",
             t.number,
             t.state,
             tr.metric,
@@ -152,6 +152,10 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
                 .map(|v| format!("{v:.4}"))
                 .unwrap_or_else(|| "-".into()),
             t.duration_s,
+            t.note
+                .as_ref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default(),
         );
         match &bar {
             Some(b) => {

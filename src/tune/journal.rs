@@ -136,6 +136,7 @@ pub fn replay(records: &[Record]) -> Vec<FrozenTrial> {
                         intermediate: BTreeMap::new(),
                         rungs: BTreeMap::new(),
                         duration_s: 0.0,
+                        note: None,
                     });
                 }
             }
@@ -154,13 +155,14 @@ pub fn replay(records: &[Record]) -> Vec<FrozenTrial> {
                 state,
                 value,
                 duration_s,
-                ..
+                note,
             } => {
                 if let Some(t) = trials.get_mut(*trial) {
                     if t.state == TrialState::Running {
                         t.state = *state;
                         t.value = *value;
                         t.duration_s = *duration_s;
+                        t.note = note.clone();
                     }
                 }
             }

@@ -206,6 +206,7 @@ mod tests {
                 .collect(),
             rungs: BTreeMap::new(),
             duration_s: 0.0,
+            note: None,
         }
     }
 

@@ -139,16 +139,40 @@ impl TuneRun {
                     ));
                 }
             }
-            // The path must name a config key that accepts such a value.
-            let probe = format!("{key}={}", dist.to_value(dist.snap(f64::MIN)));
-            crate::config::load_str(&base_text, origin, &[probe]).map_err(|e| {
+            // The path must name a config key that accepts such a value, and the config must
+            // be valid at both ends of the range (every choice of a categorical): otherwise
+            // trials would fail one after another.
+            let ends: Vec<f64> = match &dist {
+                Distribution::Categorical { choices } => {
+                    (0..choices.len()).map(|i| i as f64).collect()
+                }
+                _ => vec![dist.snap(f64::MIN), dist.snap(f64::MAX)],
+            };
+            let strip = |e: Error| {
                 let msg = e.to_string();
-                let msg = msg
-                    .split_once(": ")
+                msg.split_once(": ")
                     .map(|(_, m)| m.to_string())
-                    .unwrap_or(msg);
-                bad(origin, key, format!("not a usable config path: {msg}"))
-            })?;
+                    .unwrap_or(msg)
+            };
+            for end in ends {
+                let value = dist.to_value(end);
+                let probe = format!("{key}={value}");
+                let mut cfg =
+                    crate::config::load_str(&base_text, origin, &[probe]).map_err(|e| {
+                        bad(
+                            origin,
+                            key,
+                            format!("not a usable config path: {}", strip(e)),
+                        )
+                    })?;
+                crate::config::validate(&mut cfg, origin).map_err(|e| {
+                    bad(
+                        origin,
+                        key,
+                        format!("a trial with {key} = {value} would fail: {}", strip(e)),
+                    )
+                })?;
+            }
             space.push((key.clone(), dist));
         }
         let journal = tune.storage.clone().unwrap_or_else(|| {
@@ -300,7 +324,41 @@ impl TuneRun {
                 Ok((replay(&all), vec![fin.clone()]))
             })?;
             on_finish(&trials[number], &trials);
+            self.check_failures(&trials)?;
         }
+    }
+
+    /// An error once the last [`Self::failure_limit`] finished trials all failed: a base
+    /// config or space that cannot train would otherwise start new trials forever (failed
+    /// trials do not count towards `n_trials`).
+    fn check_failures(&self, trials: &[FrozenTrial]) -> Result<()> {
+        let limit = self.failure_limit();
+        let mut finished = trials
+            .iter()
+            .rev()
+            .filter(|t| t.state != TrialState::Running);
+        let failed: Vec<&FrozenTrial> = finished
+            .by_ref()
+            .take(limit)
+            .take_while(|t| t.state == TrialState::Failed)
+            .collect();
+        if failed.len() < limit {
+            return Ok(());
+        }
+        let why = failed
+            .first()
+            .and_then(|t| t.note.clone())
+            .unwrap_or_else(|| "no reason recorded".into());
+        Err(Error::Config(format!(
+            "the last {limit} trials all failed (trial {}: {why}); fix the base config or tune.space, then run `wick tune` again to go on (the notes are in {})",
+            failed[0].number,
+            self.journal.display()
+        )))
+    }
+
+    /// How many failed trials in a row stop a study: `n_trials`, and at least 5.
+    pub fn failure_limit(&self) -> usize {
+        self.tune.n_trials.max(5)
     }
 
     fn run_trial(

@@ -71,6 +71,9 @@ pub struct FrozenTrial {
     #[serde(default)]
     pub rungs: BTreeMap<u32, f64>,
     pub duration_s: f64,
+    /// Why the trial failed, when it did.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 impl FrozenTrial {
@@ -273,6 +276,7 @@ impl Study {
             intermediate: BTreeMap::new(),
             rungs: BTreeMap::new(),
             duration_s: 0.0,
+            note: None,
         });
         Trial {
             study: self,

@@ -832,6 +832,7 @@ mod tests {
             intermediate: BTreeMap::new(),
             rungs: BTreeMap::new(),
             duration_s: 0.0,
+            note: None,
         }
     }
 
