@@ -8,11 +8,17 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Output piped into `head` and closed: end quietly, as Unix tools do, rather than panic
+    // in `println!` (Rust ignores SIGPIPE by default).
+    // SAFETY: sets a signal's disposition to the default before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     wick::alloc::keep_freed_memory();
     match wick::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", wick::cli::describe(&e));
             ExitCode::from(2)
         }
     }

@@ -301,3 +301,57 @@ fn resume_refuses_changed_data() {
         "{err}"
     );
 }
+
+/// A --run-dir that is a file: the OS error once (it used to be printed twice), and the fix.
+#[test]
+fn a_run_dir_that_is_a_file_is_named_once_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("afile");
+    std::fs::write(&file, "").unwrap();
+    let o = wick()
+        .arg("train")
+        .arg(root().join("configs/iris_mlp.toml"))
+        .arg("--run-dir")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot create the run directory"), "{err}");
+    assert!(err.contains("choose another --run-dir"), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
+
+/// Output closed early (`wick runs DIR | head -1`): no panic, whatever the exit status.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let o = wick()
+            .args(["train", "configs/iris_mlp.toml", "--quiet"])
+            .args(["--set", "train.epochs=1", "--run-dir"])
+            .arg(tmp.path().join(format!("r{i}")))
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    let mut child = wick()
+        .arg("runs")
+        .arg(tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}

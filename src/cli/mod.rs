@@ -66,6 +66,21 @@ pub enum Command {
     Launch(launch::LaunchArgs),
 }
 
+/// An error and its causes on one line, as anyhow's `{:#}` writes it, but without a cause
+/// the message before it already spells out (wick's I/O errors name the path and the OS
+/// error, which is also their source).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 /// Parses `std::env::args` and runs the command.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -85,7 +85,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         Ok(()) => Ok(()),
         Err(e) => {
             // The other ranks would wait for this one until their timeout: end the job now.
-            eprintln!("error: rank {rank}: {e:#}");
+            eprintln!("error: rank {rank}: {}", super::describe(&e));
             abort.abort(2)
         }
     }

@@ -253,9 +253,11 @@ fn backticked(s: &str) -> Vec<String> {
 
 /// The valid name closest to `name`, if it is close enough to be a likely typo.
 pub(crate) fn closest(name: &str, valid: &[String]) -> Option<String> {
+    // Case does not count: `"Relu"` is `"relu"`, not `"gelu"`.
+    let name = name.to_lowercase();
     valid
         .iter()
-        .map(|v| (strsim::jaro_winkler(name, v), v))
+        .map(|v| (strsim::jaro_winkler(&name, &v.to_lowercase()), v))
         .filter(|(score, _)| *score >= 0.7)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, v)| v.clone())
@@ -304,6 +306,13 @@ mod tests {
         let e = err("[data]\npath = \"x.csv\"\n[optim]\nlr = \"fast\"\n", &[]);
         assert!(e.starts_with("t.toml:4:6: `optim.lr`: invalid type"), "{e}");
         assert!(e.contains("expected a number"), "{e}");
+    }
+
+    #[test]
+    fn suggestions_ignore_case() {
+        let valid: Vec<String> = ["relu", "gelu", "tanh"].map(String::from).to_vec();
+        assert_eq!(closest("Relu", &valid).as_deref(), Some("relu"));
+        assert_eq!(closest("TANH", &valid).as_deref(), Some("tanh"));
     }
 
     #[test]

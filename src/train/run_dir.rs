@@ -65,12 +65,22 @@ impl RunDir {
                         p.display()
                     )));
                 }
-                fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+                fs::create_dir_all(p).map_err(|e| {
+                    Error::Checkpoint(format!(
+                        "{}: cannot create the run directory ({e}); choose another --run-dir",
+                        p.display()
+                    ))
+                })?;
                 p.to_path_buf()
             }
             None => {
                 let out = &cfg.run.output_dir;
-                fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+                fs::create_dir_all(out).map_err(|e| {
+                    Error::Checkpoint(format!(
+                        "{}: cannot create run.output_dir ({e}); set run.output_dir to a writable directory, or pass --run-dir",
+                        out.display()
+                    ))
+                })?;
                 let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
                 let base = format!("{}-{stamp}", cfg.run.name);
                 // `create_dir` fails if the directory exists, so two runs started in the same
