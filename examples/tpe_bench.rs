@@ -180,6 +180,7 @@ fn main() {
                     intermediate: Default::default(),
                     rungs: Default::default(),
                     duration_s: 0.0,
+                    note: None,
                 })
                 .collect();
             let proposals: Vec<Vec<f64>> = (0..seeds)
