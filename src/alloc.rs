@@ -34,3 +34,15 @@ pub fn keep_freed_memory() {
         mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 1);
     }
 }
+
+/// This machine's physical memory in bytes (`sysconf`), or `None` where it cannot tell.
+pub fn total_memory_bytes() -> Option<u64> {
+    // SAFETY: `sysconf` only reads system constants.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}

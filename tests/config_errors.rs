@@ -163,6 +163,12 @@ fn out_of_range_values_are_rejected() {
         );
         assert!(!cfg.with_extension("run").exists());
     }
+    // Too large for this machine's memory (the process used to be killed for memory).
+    let e = fails(OK_DATA, &["--set", "model.hidden=[1048576, 1048576]"]);
+    assert!(
+        e.contains("makes an MLP of 1099521064963 parameters") && e.contains("use narrower"),
+        "{e}"
+    );
     let e = fails(OK_DATA, &["--set", "model.dropout=1.5"]);
     assert!(e.contains("`model.dropout` = 1.5"), "{e}");
     let e = fails(OK_DATA, &["--set", "train.monitor=\"eval_acc\""]);

@@ -499,6 +499,7 @@ pub fn build(
             "the data is text (token ids); an MLP needs feature vectors: use model.kind = \"bert\" with model.pretrained = a Hugging Face model directory".into(),
         )),
         ModelKind::Mlp => {
+            check_mlp_size(schema.input_dim, &cfg.hidden, schema.outputs())?;
             let store = ParamStore::with_device(seed, device.clone());
             let mlp = Mlp::new(
                 store,
@@ -514,6 +515,31 @@ pub fn build(
         ModelKind::Resnet => Ok(Box::new(build_resnet(cfg, schema, seed, device)?)),
         ModelKind::Bert => Ok(Box::new(build_bert(cfg, schema, seed, device)?)),
     }
+}
+
+/// Bytes training keeps per parameter: the weight, its gradient and AdamW's two moments.
+const TRAIN_BYTES_PER_PARAM: u128 = 16;
+
+/// Refuses an MLP whose parameters alone would not fit this machine's memory in training
+/// (the allocation would otherwise end the process with no message).
+fn check_mlp_size(inputs: usize, hidden: &[usize], outputs: usize) -> Result<()> {
+    let mut dims = vec![inputs];
+    dims.extend_from_slice(hidden);
+    dims.push(outputs);
+    let params: u128 = dims
+        .windows(2)
+        .map(|w| (w[0] as u128 + 1) * w[1] as u128)
+        .sum();
+    let need = params * TRAIN_BYTES_PER_PARAM;
+    let have = crate::alloc::total_memory_bytes().unwrap_or(u64::MAX) as u128;
+    if need > have {
+        return Err(Error::Config(format!(
+            "model.hidden = {hidden:?} makes an MLP of {params} parameters ({inputs} inputs, {outputs} outputs), which needs about {:.1} GB to train (weights, gradients and optimizer state) but this machine has {:.1} GB; use narrower or fewer hidden layers",
+            need as f64 / 1e9,
+            have as f64 / 1e9
+        )));
+    }
+    Ok(())
 }
 
 /// A BERT classifier for `schema`'s texts, from the pretrained encoder `model.pretrained`.
