@@ -189,9 +189,13 @@ fn empty_csv_is_reported() {
     std::fs::write(&empty, "").unwrap();
     let header_only = tmp.path().join("header.csv");
     std::fs::write(&header_only, "a,b,target\n").unwrap();
+    // One label value for every row: not silently a regression on a constant.
+    let constant = tmp.path().join("constant.csv");
+    std::fs::write(&constant, "a,target\n1,0\n2,0\n3,0\n").unwrap();
     for (f, want) in [
         (&empty, "the file is empty"),
         (&header_only, "no data rows"),
+        (&constant, "the label column holds a single value (0)"),
     ] {
         let e = fails(&format!("[data]\npath = \"{}\"\n", f.display()), &[]);
         assert!(

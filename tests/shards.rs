@@ -345,6 +345,12 @@ fn labels_that_cannot_be_classes_are_refused() {
     edit_manifest(&one, |m| m["classes"] = serde_json::json!(["setosa"]));
     let e = train_err(&one, &[]);
     assert!(e.contains("has a single class (setosa)"), "{e}");
+    // The label as the input: it would train on the answer.
+    let e = train_err(&good, &["data.input=\"label\""]);
+    assert!(
+        e.contains("data.input and the label are both `label`"),
+        "{e}"
+    );
     let reg = pack("reg", "data/sklearn/digits.csv", &["--regression"]);
     let e = train_err(&reg, &["data.task=\"classification\""]);
     assert!(

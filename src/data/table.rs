@@ -307,6 +307,12 @@ fn resolve_task(path: &Path, task: Task, labels: &[String]) -> Result<(Task, Vec
                 .as_ref()
                 .is_some_and(|v| v.iter().all(|x| x.fract() == 0.0));
             let c = classes_of(labels);
+            if c.len() == 1 {
+                return Err(data_err(
+                    path,
+                    format!("the label column holds a single value ({}); there is nothing to learn: check data.label, or add rows with other labels", c[0]),
+                ));
+            }
             if numeric.is_none() || (integral && c.len() <= AUTO_MAX_CLASSES && c.len() >= 2) {
                 resolve_task(path, Task::Classification, labels)
             } else {
