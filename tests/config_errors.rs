@@ -51,6 +51,17 @@ fn unknown_key_names_line_and_suggests() {
     );
     let e = fails(&format!("{OK_DATA}[optim]\nlearning_rate = 0.1\n"), &[]);
     assert!(e.contains("unknown key `learning_rate` in [optim]"), "{e}");
+    // The table that holds the unknown name, also inside an inline table or at the top.
+    let e = fails(
+        &format!("{OK_DATA}[train]\nearly_stopping = {{ patiense = 3 }}\n"),
+        &[],
+    );
+    assert!(
+        e.contains("unknown key `patiense` in [train.early_stopping]"),
+        "{e}"
+    );
+    let e = fails(OK_DATA, &["--set", "foo.bar=1"]);
+    assert!(e.contains("unknown key `foo` at the top level"), "{e}");
     let e = fails(OK_DATA, &["--set", "optim.lrr=0.1"]);
     assert!(
         e.contains("--set optim.lrr=0.1: unknown key `lrr` in [optim]; did you mean `lr`?"),
@@ -135,6 +146,22 @@ fn out_of_range_values_are_rejected() {
         let e = fails(OK_DATA, &args);
         assert!(e.contains(want) && e.contains("iris.csv"), "{e}");
     }
+    // A value from --set is blamed on the --set, not on the file.
+    let e = fails(OK_DATA, &["--set", "train.batch_size=0"]);
+    assert!(
+        e.contains("bad.toml: --set train.batch_size=0: `train.batch_size` = 0"),
+        "{e}"
+    );
+    let e = fails(OK_DATA, &["--set", "train.log_every=0"]);
+    assert!(
+        e.contains("`train.log_every` = 0: expected a positive number of steps"),
+        "{e}"
+    );
+    let e = fails(OK_DATA, &["--set", "run.output_dir=\"\""]);
+    assert!(
+        e.contains("`run.output_dir` = \"\": expected a non-empty"),
+        "{e}"
+    );
     // Too long for a timer (was a panic converting it to a Duration).
     let e = fails(
         OK_DATA,

@@ -19,10 +19,25 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
             path.display()
         ))
     })?;
-    let mut cfg = load_str(&text, &path.display().to_string(), overrides)?;
+    let origin = path.display().to_string();
+    let mut cfg = load_str(&text, &origin, overrides)?;
     let base = path.parent().unwrap_or(Path::new("."));
-    super::validate::resolve_and_validate(&mut cfg, &path.display().to_string(), base)?;
+    super::validate::resolve_and_validate(&mut cfg, &origin, base)
+        .map_err(|e| blame_override(e, &origin, overrides))?;
     Ok(cfg)
+}
+
+/// A validation error about a key that `--set` gave: the error names that `--set`, not only
+/// the file (whose own value was replaced).
+fn blame_override(e: Error, origin: &str, overrides: &[String]) -> Error {
+    let Error::Config(msg) = e else { return e };
+    let set = overrides.iter().rev().find(|ov| {
+        parse_override(ov).is_ok_and(|(key, _)| msg.contains(&format!("`{}`", key.join("."))))
+    });
+    match (set, msg.strip_prefix(&format!("{origin}: "))) {
+        (Some(ov), Some(rest)) => Error::Config(format!("{origin}: --set {ov}: {rest}")),
+        _ => Error::Config(msg),
+    }
 }
 
 /// Validates a config built in code (paths resolve against the working directory).
@@ -182,10 +197,16 @@ fn explain(msg: &str, key: &[String]) -> String {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
         let valid = backticked(expected);
-        let section = if key.len() > 1 {
-            format!(" in [{}]", key[..key.len() - 1].join("."))
+        // The table that holds the unknown name: the key path up to it, or the whole path
+        // when the name is inside the value (`--set data.image={size=0}`, an inline table).
+        let table = match key.iter().position(|k| k == name) {
+            Some(i) => &key[..i],
+            None => key,
+        };
+        let section = if table.is_empty() {
+            " at the top level".to_string()
         } else {
-            String::new()
+            format!(" in [{}]", table.join("."))
         };
         return match closest(name, &valid) {
             Some(s) => format!("unknown key `{name}`{section}; did you mean `{s}`?"),

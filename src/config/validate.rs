@@ -133,12 +133,12 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
         .run
         .output_dir
         .to_str()
-        .is_none_or(|s| s.chars().any(char::is_control))
+        .is_none_or(|s| s.trim().is_empty() || s.chars().any(char::is_control))
     {
         return bad(
             "run.output_dir",
             format!("{:?}", cfg.run.output_dir),
-            "a UTF-8 path without control characters",
+            "a non-empty UTF-8 path without control characters, e.g. \"checkpoints/runs\"",
         );
     }
     let m = &cfg.model;
@@ -386,6 +386,13 @@ pub(crate) fn resolve_and_validate(cfg: &mut Config, origin: &str, base: &Path) 
             "train.save_every",
             "0".into(),
             "a positive number of epochs, e.g. 1",
+        );
+    }
+    if t.log_every == 0 {
+        return bad(
+            "train.log_every",
+            "0".into(),
+            "a positive number of steps, e.g. 50 (--quiet turns the progress lines off)",
         );
     }
     if let Some(mon) = &t.monitor {
