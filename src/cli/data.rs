@@ -377,11 +377,11 @@ fn inspect(dir: PathBuf) -> anyhow::Result<()> {
         println!("per class: mean ± std of `{}`", field.name);
         print!("  {:<28}", "feature");
         for name in &m.classes {
-            print!(" {:>18}", truncate(name, 18));
+            print!(" {:>18}", crate::data::truncate(name, 18));
         }
         println!();
         for (j, name) in names.iter().enumerate() {
-            print!("  {:<28}", truncate(name, 28));
+            print!("  {:<28}", crate::data::truncate(name, 28));
             for t in &total {
                 let s = &t[fi];
                 let cnt = s.count.max(1) as f64;
@@ -393,14 +393,6 @@ fn inspect(dir: PathBuf) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        s.chars().take(n - 1).collect::<String>() + "…"
-    }
 }
 
 fn values(set: &ShardSet, f: usize, i: usize) -> Vec<f64> {

@@ -212,6 +212,15 @@ fn open_eval_set(
     Ok(set)
 }
 
+/// `s` for a message or a table column: at most `n` characters, the last one `…` when cut.
+pub(crate) fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}
+
 /// More classes than this without a class list in the manifest is a corrupt label, not a
 /// classifier head to build.
 const MAX_IMPLICIT_CLASSES: i64 = 1 << 20;

@@ -175,13 +175,8 @@ pub fn pack_idx(
     Ok(m)
 }
 
-/// A cell for an error message, cut to 40 characters.
-fn cell(s: &str) -> String {
-    match s.char_indices().nth(40) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
+/// The longest cell an error message quotes whole.
+const CELL_CHARS: usize = 41;
 
 /// Packs a CSV table: numeric columns become the f32 field `features`, text columns are
 /// indexed as categories (the index is the feature value; the vocabulary goes into the
@@ -313,7 +308,7 @@ pub fn pack_csv(
                                 path.display(),
                                 i + 2,
                                 header[c],
-                                cell(&r[c])
+                                super::truncate(&r[c], CELL_CHARS)
                             ))),
                         }
                     }
@@ -332,7 +327,7 @@ pub fn pack_csv(
                         "{}: line {}: label \"{}\" is not a finite number (--regression); fix the value, or pack without --regression for classes",
                         path.display(),
                         i + 2,
-                        cell(s)
+                        super::truncate(s, CELL_CHARS)
                     ))),
                 }
             } else {

@@ -333,12 +333,10 @@ impl TuneRun {
     /// trials do not count towards `n_trials`).
     fn check_failures(&self, trials: &[FrozenTrial]) -> Result<()> {
         let limit = self.failure_limit();
-        let mut finished = trials
+        let failed: Vec<&FrozenTrial> = trials
             .iter()
             .rev()
-            .filter(|t| t.state != TrialState::Running);
-        let failed: Vec<&FrozenTrial> = finished
-            .by_ref()
+            .filter(|t| t.state != TrialState::Running)
             .take(limit)
             .take_while(|t| t.state == TrialState::Failed)
             .collect();
